@@ -436,14 +436,20 @@ def cds_route(q_own, q_candidates, percentile, basic=False):
     return q_candidates >= threshold[:, None]
 
 
+def drop_unrouted(candidates, routed):
+    """Leave out of the update the candidates that no task trains on (they weigh zero): each row keeps
+    its routed candidates first, then columns past the largest routed count are dropped."""
+    order = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)
+    keep = order[:, : int(routed.sum(1).max())]
+    return candidates.gather(1, keep), routed.gather(1, keep)
+
+
 def sample_batch(buf, starts, sizes, critic, args):
     """CDS: each task's own batch plus the candidates CDS routes to it. Returns (batch, sharing stats)."""
     own = sample_own(starts, sizes, args.batch_size)
     candidates = sample_others(starts, sizes, args.cds_candidates)
     q_own, q_candidates = conservative_q(critic, buf, own), conservative_q(critic, buf, candidates)
     routed = cds_route(q_own, q_candidates, args.cds_percentile, args.cds_basic)
-    indices = torch.cat([own, candidates], 1)
-    weights = torch.cat([torch.ones(own.shape, device=own.device), routed.float()], 1)
     source = buf["source"][candidates]
     stats = {}
     for i, dst in enumerate(args.tasks):
@@ -454,6 +460,9 @@ def sample_batch(buf, starts, sizes, critic, args):
         stats[f"cds/{dst}/q_own"] = q_own[i].mean()
         stats[f"cds/{dst}/q_routed"] = (q_candidates[i] * routed[i]).sum() / routed[i].sum().clamp_min(1)
         stats[f"cds/{dst}/routed_fraction"] = routed[i].float().mean()
+    kept, kept_routed = drop_unrouted(candidates, routed)  # same losses, fewer rows to compute
+    indices = torch.cat([own, kept], 1)
+    weights = torch.cat([torch.ones(own.shape, device=own.device), kept_routed.float()], 1)
     return gather(buf, indices, weights), stats
 
 

@@ -41,11 +41,12 @@ BUDGETS = {
     # the paper-scale configuration: every script at its defaults, 1M steps
     "paper": {"steps": 1_000_000, "eval_every": 10_000, "common": [], "per_script": {}},
     # the reduced configuration that fits 2 CPU cores (see the README): 2x256 networks, 4 sampled
-    # actions of each kind in CQL's logsumexp, a 20k-step behaviour-model warm-up for BRAC
-    "cpu": {"steps": 20_000, "eval_every": 2_000, "common": ["--n-hidden", "2"],
+    # actions of each kind in CQL's logsumexp, 10k gradient steps, a 10k-step behaviour-model warm-up
+    # for BRAC
+    "cpu": {"steps": 10_000, "eval_every": 1_000, "common": ["--n-hidden", "2"],
             "per_script": {"cql_mt_noshare": ["--cql-n-actions", "4"], "cql_mt_shareall": ["--cql-n-actions", "4"],
                            "cql_mt_cds": ["--cql-n-actions", "4"], "hcsac": ["--cql-n-actions", "4"],
-                           "brac_mt_cds": ["--behavior-warmup-steps", "20000", "--actor-warmup-steps", "2000"]}},
+                           "brac_mt_cds": ["--behavior-warmup-steps", "10000", "--actor-warmup-steps", "1000"]}},
 }
 GRID = {
     "imbalanced": list(METHODS),
@@ -75,6 +76,8 @@ class Args:
     """print the commands, one per line, instead of running them"""
     runs_dir: str = "runs"
     """where the scripts write their runs (they run with the current directory as cwd)"""
+    results_dir: str = ""
+    """where `report` writes (default: benchmark/results/<budget>)"""
 
 
 def grid(args):
@@ -155,8 +158,63 @@ def mean_std(values):
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
+DIAGNOSTIC_PREFIXES = ("sharing/", "cds/", "brac/")  # routed fractions, Q-hat of own vs routed data, D_KL
+
+
+def tensorboard_diagnostics(run_dir):
+    """Sharing and divergence scalars of one run from its TensorBoard events: for each tag, the mean over
+    the whole run and over its last quarter (the event files are not committed; these numbers are)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    out = {}
+    for tag in events.Tags()["scalars"]:
+        if tag.startswith(DIAGNOSTIC_PREFIXES):
+            values = np.array([e.value for e in events.Scalars(tag)])
+            out[tag] = {"mean": float(values.mean()), "last_quarter": float(values[-max(len(values) // 4, 1):].mean()),
+                        "points": len(values)}
+    return out
+
+
+def diagnostics_tables(mixture, methods, summaries):
+    """Markdown tables of the sharing diagnostics: routed fractions, Q-hat own vs routed, D_KL."""
+    lines = []
+
+    def late(runs, tag):
+        return mean_std([r.get("diagnostics", {}).get(tag, {}).get("last_quarter") for r in runs])
+
+    pairs = [f"{src}_to_{dst}" for dst in TASKS for src in TASKS if src != dst]
+    sharing = [m for m in methods if any(f"sharing/{p}" in r.get("diagnostics", {}) for r in summaries[(mixture, m)] for p in pairs)]
+    if sharing:
+        lines += ["\nFraction of each source task's data that reaches each target task (the CDS weight; for share-all "
+                  "the share of the target's batch drawn from the source; for HCSAC the share of the source's "
+                  "dataset added at relabelling), mean over the last quarter of training:\n",
+                  "| method | " + " | ".join(p.replace("_to_", " → ") for p in pairs) + " |", "|---" * (1 + len(pairs)) + "|"]
+        for m in sharing:
+            lines.append(f"| {m} | " + " | ".join(late(summaries[(mixture, m)], f"sharing/{p}") for p in pairs) + " |")
+    cds = [m for m in methods if any(f"cds/{TASKS[0]}/q_own" in r.get("diagnostics", {}) for r in summaries[(mixture, m)])]
+    if cds:
+        lines += ["\nConservative Q-hat of each task's own batch and of the data routed to it, and the fraction of "
+                  "candidates routed, mean over the last quarter of training:\n",
+                  "| method | " + " | ".join(f"{t} Q-hat own / routed / fraction" for t in TASKS) + " |", "|---" * (1 + len(TASKS)) + "|"]
+        for m in cds:
+            runs = summaries[(mixture, m)]
+            lines.append(f"| {m} | " + " | ".join(
+                f"{late(runs, f'cds/{t}/q_own')} / {late(runs, f'cds/{t}/q_routed')} / {late(runs, f'cds/{t}/routed_fraction')}"
+                for t in TASKS) + " |")
+    brac = [m for m in methods if any(f"brac/{TASKS[0]}/kl" in r.get("diagnostics", {}) for r in summaries[(mixture, m)])]
+    if brac:
+        lines += ["\nD_KL(π ‖ π_β) per task (the actor against the behaviour model of the data the task trains on), "
+                  "mean over the last quarter of training:\n",
+                  "| method | " + " | ".join(TASKS) + " |", "|---" * (1 + len(TASKS)) + "|"]
+        for m in brac:
+            lines.append(f"| {m} | " + " | ".join(late(summaries[(mixture, m)], f"brac/{t}/kl") for t in TASKS) + " |")
+    return lines
+
+
 def report(args):
-    out_dir = os.path.join(ROOT, "benchmark", "results", args.budget)
+    out_dir = args.results_dir or os.path.join(ROOT, "benchmark", "results", args.budget)
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}
     for method, mixture, seed in grid(args):
@@ -165,6 +223,7 @@ def report(args):
         saved = os.path.join(out_dir, f"{method}__{mixture}__{seed}.json")
         if os.path.exists(path):
             summary = json.load(open(path))
+            summary["diagnostics"] = tensorboard_diagnostics(run_dir)
             cmd = command(method, mixture, seed, args)[0]
             summary["command"] = shlex.join(["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]])
             text = json.dumps(summary, indent=1).replace(ROOT + os.sep, "")  # repository-relative paths
@@ -195,6 +254,7 @@ def report(args):
                     mean_std([r["best"]["average_return"] for r in runs if r.get("best")]),
                     mean_std([f["average_normalized_score"] for f in finals])]
             lines.append("| " + " | ".join(row) + " |")
+        lines += diagnostics_tables(mixture, methods, summaries)
         plot_curves(summaries, mixture, methods, os.path.join(out_dir, f"curves_{mixture}.png"))
         lines.append(f"\n![learning curves, {mixture}](curves_{mixture}.png)\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:

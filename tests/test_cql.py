@@ -260,3 +260,16 @@ def test_an_existing_run_is_never_overwritten(small_datasets, tmp_path):
 def test_cds_needs_two_tasks(small_datasets, tmp_path):
     out = run_script("cql_mt_cds", "--tasks", "run_forward", "--datasets", small_datasets[0], cwd=tmp_path)
     assert out.returncode == 2 and "at least two --tasks" in out.stderr
+
+
+def test_drop_unrouted_keeps_every_routed_candidate_and_nothing_past_the_largest_count():
+    m = load_module("cql_mt_cds")
+    candidates = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]])
+    routed = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    kept, kept_routed = m.drop_unrouted(candidates, routed)
+    assert kept.shape == (3, 2)  # task 0 has the most routed candidates: 2
+    assert kept[0].tolist() == [11, 13] and kept_routed[0].all()
+    assert not kept_routed[1].any()  # nothing routed to task 1: its columns weigh zero
+    assert kept[2, 0].item() == 30 and kept_routed[2].tolist() == [True, False]
+    none_routed = m.drop_unrouted(candidates, torch.zeros_like(routed))
+    assert none_routed[0].shape == (3, 0)
