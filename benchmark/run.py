@@ -151,11 +151,11 @@ def run_grid(args):
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
-def mean_std(values):
+def mean_std(values, digits=1):
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "n/a"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 DIAGNOSTIC_PREFIXES = ("sharing/", "cds/", "brac/")  # routed fractions, Q-hat of own vs routed data, D_KL
@@ -182,7 +182,8 @@ def diagnostics_tables(mixture, methods, summaries):
     lines = []
 
     def late(runs, tag):
-        return mean_std([r.get("diagnostics", {}).get(tag, {}).get("last_quarter") for r in runs])
+        digits = 3 if tag.startswith("sharing/") or tag.endswith("fraction") else 1
+        return mean_std([r.get("diagnostics", {}).get(tag, {}).get("last_quarter") for r in runs], digits)
 
     pairs = [f"{src}_to_{dst}" for dst in TASKS for src in TASKS if src != dst]
     sharing = [m for m in methods if any(f"sharing/{p}" in r.get("diagnostics", {}) for r in summaries[(mixture, m)] for p in pairs)]
@@ -241,10 +242,10 @@ def report(args):
         methods = [m for m in (args.methods or GRID[mixture]) if (mixture, m) in summaries]
         if not methods:
             continue
-        lines += [f"\n## {mixture}\n", "Return at the end of training (final) and at the best evaluation (best), "
+        lines += [f"\n## {mixture}\n", "Return at the end of training (final) and at the evaluation with the best average normalised score, "
                   "mean ± std over seeds; normalised score 0 = random policy, 100 = the dataset's expert policy.\n",
                   "| method | seeds | steps | " + " | ".join(f"{t} final" for t in TASKS) +
-                  " | average final | average best | avg. normalised final |", "|---" * (7 + len(TASKS) - 3) + "|---|"]
+                  " | average final | average at the best evaluation | avg. normalised final |", "|---" * (6 + len(TASKS)) + "|"]
         for method in methods:
             runs = summaries[(mixture, method)]
             finals = [r["final"] for r in runs if r.get("final")]

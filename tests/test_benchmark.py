@@ -76,7 +76,7 @@ def test_report_tables_curves_and_diagnostics(tmp_path):
     table = (results / "results.md").read_text()
     assert "| cql_noshare | 2 | 2000 | 121.5 ± 0.5 |" in table  # final return mean ± std over seeds 1, 2
     assert "| cql_cds | 2 | 2000 | 221.5 ± 0.5 |" in table
-    assert "jump → run_forward" in table and "0.8 ± 0.0" in table  # the mean of 0.7 and 0.8 ... rounds to 0.8
+    assert "jump → run_forward" in table and "0.750 ± 0.000" in table  # the mean of 0.7 and 0.8
     assert (results / "curves_imbalanced.png").stat().st_size > 1000
     saved = json.loads((results / "cql_cds__imbalanced__1.json").read_text())
     assert saved["diagnostics"]["sharing/jump_to_run_forward"]["last_quarter"] == pytest.approx(0.75)
