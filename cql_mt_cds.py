@@ -437,8 +437,8 @@ def cds_route(q_own, q_candidates, percentile, basic=False):
 
 
 def drop_unrouted(candidates, routed):
-    """Leave out of the update the candidates that no task trains on (they weigh zero): each row keeps
-    its routed candidates first, then columns past the largest routed count are dropped."""
+    """Fewer weight-zero rows to compute: each row keeps its routed candidates first, and the columns
+    past the largest routed count (unrouted for every task) are dropped."""
     order = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)
     keep = order[:, : int(routed.sum(1).max())]
     return candidates.gather(1, keep), routed.gather(1, keep)

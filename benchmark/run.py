@@ -224,6 +224,9 @@ def report(args):
         saved = os.path.join(out_dir, f"{method}__{mixture}__{seed}.json")
         if os.path.exists(path):
             summary = json.load(open(path))
+            if not summary.get("finished"):
+                print(f"skipped (not finished): {run_dir}")
+                continue
             summary["diagnostics"] = tensorboard_diagnostics(run_dir)
             cmd = command(method, mixture, seed, args)[0]
             summary["command"] = shlex.join(["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]])
