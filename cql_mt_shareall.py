@@ -6,6 +6,7 @@ The baseline "Sharing All" of Conservative Data Sharing (Yu et al., NeurIPS 2021
 in Kumar et al. (2020). `python cql_mt_shareall.py` trains on the shipped MT-Walker2d imbalanced
 mixture (run_forward/medium-replay, run_backward/medium, jump/expert) and evaluates all three tasks.
 """
+import ctypes
 import json
 import math
 import os
@@ -468,6 +469,23 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def keep_freed_memory():
+    """CPU speed: keep freed memory in the process instead of handing it back to the OS.
+
+    glibc serves every allocation over 32 MB with a fresh mmap and unmaps it when freed, so each
+    gradient step page-faults its way through the critic's activations again (about 50 MB per layer
+    at the defaults): a third of a CQL step on CPU. Raising the two thresholds to 1 GiB lets freed
+    blocks be reused; it changes no result. No-op where the C library is not glibc.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            return
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap for reuse
+
+
 def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -475,6 +493,7 @@ def fail(message, code=2):
 
 def main(args: Args):
     # TRY NOT TO MODIFY: setup, data, networks
+    keep_freed_memory()
     for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "log_freq", "checkpoint_freq", "cql_n_actions"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

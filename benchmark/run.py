@@ -3,6 +3,7 @@
     python benchmark/run.py --budget cpu --workers 2            # run the grid, 2 processes at a time
     python benchmark/run.py --budget paper --print-commands      # one command per line, for a cluster
     python benchmark/run.py --mode report --budget cpu           # results table and learning curves
+    python benchmark/run.py --budget cpu-20k --runs-dir runs-20k # the cpu configuration, twice as long
 
 A run whose summary.json says finished is skipped; an interrupted one (a checkpoint, not finished)
 is resumed with --resume. Runs live in runs/<method>__<mixture>__<seed>/ as every script writes them;
@@ -36,6 +37,16 @@ METHODS = {
     "mtcsac": ("hcsac", ["--relabel-every", "0"]),
     "hcsac": ("hcsac", []),
 }
+# variations of the grid's methods: the sweeps that chose the defaults (run with --methods, reported
+# with --results-dir benchmark/results/<budget>-sweeps)
+SWEEPS = {
+    "cql_cds_k50": ("cql_mt_cds", ["--cds-percentile", "50"]),
+    "brac_cds_k50": ("brac_mt_cds", ["--share", "cds", "--cds-percentile", "50"]),
+    "brac_noshare_a0.1": ("brac_mt_cds", ["--share", "none", "--alpha", "0.1"]),
+    "brac_shareall_a0.1": ("brac_mt_cds", ["--share", "all", "--alpha", "0.1"]),
+    "brac_cds_a0.1_k50": ("brac_mt_cds", ["--share", "cds", "--alpha", "0.1", "--cds-percentile", "50"]),
+    "brac_cds_a0.3_k50": ("brac_mt_cds", ["--share", "cds", "--alpha", "0.3", "--cds-percentile", "50"]),
+}
 # budget name -> gradient steps, steps between evaluations, flags for every script, extra flags per script
 BUDGETS = {
     # the paper-scale configuration: every script at its defaults, 1M steps
@@ -48,6 +59,9 @@ BUDGETS = {
                            "cql_mt_cds": ["--cql-n-actions", "4"], "hcsac": ["--cql-n-actions", "4"],
                            "brac_mt_cds": ["--behavior-warmup-steps", "10000", "--actor-warmup-steps", "1000"]}},
 }
+# the same reduced configuration run twice as long. A `cpu` run copied into the `cpu-20k` runs folder with
+# "finished" set to false in its summary.json is resumed from its 10k checkpoint (resume is exact).
+BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -59,7 +73,8 @@ class Args:
     mode: str = "run"
     """`run` the grid, or `report` the finished runs"""
     budget: str = "cpu"
-    """`cpu` (the reduced configuration) or `paper` (every script at its defaults, 1M steps)"""
+    """`cpu` (the reduced configuration, 10k steps), `cpu-20k` (the same, 20k steps) or `paper` (every
+    script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
@@ -90,7 +105,7 @@ def grid(args):
 def command(method, mixture, seed, args):
     """The command line of one run, from the budget (HCSAC counts in epochs: 100 epochs of steps/100)."""
     budget = BUDGETS[args.budget]
-    script, flags = METHODS[method]
+    script, flags = {**METHODS, **SWEEPS}[method]
     steps, eval_every = budget["steps"], budget["eval_every"]
     if script == "hcsac":
         # seed 003's schedule is 1000 epochs of 1000 steps, relabelling every 100 epochs; a shorter budget
@@ -214,6 +229,23 @@ def diagnostics_tables(mixture, methods, summaries):
     return lines
 
 
+LATE_EVALS = 5
+
+
+def late_table(methods, runs_of_methods):
+    """Returns averaged over each run's last LATE_EVALS evaluations: steadier than one final evaluation
+    when the policy still swings from one evaluation to the next."""
+    lines = [f"\nMean over the last {LATE_EVALS} evaluations of each run, then mean ± std over seeds:\n",
+             "| method | " + " | ".join(TASKS) + " | average | avg. normalised |", "|---" * (3 + len(TASKS)) + "|"]
+    for method, runs in zip(methods, runs_of_methods):
+        late = [r["evals"][-LATE_EVALS:] for r in runs if r.get("evals")]
+        row = [method] + [mean_std([np.mean([e[t]["return"] for e in evals]) for evals in late]) for t in TASKS]
+        row += [mean_std([np.mean([e[t]["return"] for e in evals for t in TASKS]) for evals in late]),
+                mean_std([np.mean([e[t]["normalized_score"] for e in evals for t in TASKS]) for evals in late])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def report(args):
     out_dir = args.results_dir or os.path.join(ROOT, "benchmark", "results", args.budget)
     os.makedirs(out_dir, exist_ok=True)
@@ -258,6 +290,7 @@ def report(args):
                     mean_std([r["best"]["average_return"] for r in runs if r.get("best")]),
                     mean_std([f["average_normalized_score"] for f in finals])]
             lines.append("| " + " | ".join(row) + " |")
+        lines += late_table(methods, [summaries[(mixture, m)] for m in methods])
         lines += diagnostics_tables(mixture, methods, summaries)
         plot_curves(summaries, mixture, methods, os.path.join(out_dir, f"curves_{mixture}.png"))
         lines.append(f"\n![learning curves, {mixture}](curves_{mixture}.png)\n")
@@ -296,8 +329,8 @@ def main(args: Args):
     if args.budget not in BUDGETS:
         raise SystemExit(f"error: unknown budget {args.budget!r}; choose from {', '.join(BUDGETS)}")
     for method in args.methods:
-        if method not in METHODS:
-            raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in METHODS and method not in SWEEPS:
+            raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join([*METHODS, *SWEEPS])}")
     for mixture in args.mixtures:
         if mixture not in GRID:
             raise SystemExit(f"error: unknown mixture {mixture!r}; choose from {', '.join(GRID)}")

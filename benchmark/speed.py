@@ -4,8 +4,8 @@
     python benchmark/speed.py --scripts cql_mt_cds --paths fp32 bf16
 
 Each measurement runs the script's own `main` (in a fresh process, on the shipped imbalanced
-mixture, with evaluation switched off) and reads the SPS it reports over the second half of the
-steps, after warm-up. The floating-point operations of one update are counted with
+mixture, with evaluation switched off) and reads the SPS it logs to TensorBoard over the second half
+of the steps, after warm-up. The floating-point operations of one update are counted with
 torch.utils.flop_counter on the same code (matrix products: forward, backward and the CQL
 samples), and set against this machine's measured matrix-multiply throughput.
 Not a test: results go to benchmark/speed_results.{json,md}.
@@ -16,7 +16,6 @@ import io
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -73,7 +72,7 @@ def run_main(module, steps, **overrides):
     module.evaluate = lambda actor, tasks, episodes, *a, **k: {t: torch.zeros(episodes).numpy() for t in tasks}
     names = module.Args.__dataclass_fields__
     fields = {"total_steps": steps, "eval_freq": 10**9, "checkpoint_freq": 10**9, "log_freq": max(steps // 2, 1),
-              "exp_name": f"speed{time.time_ns()}", "behavior_warmup_steps": 0, "actor_warmup_steps": 0, **overrides}
+              "exp_name": "speed", "behavior_warmup_steps": 0, "actor_warmup_steps": 0, **overrides}
     if "epochs" in names:  # hcsac counts epochs of steps_per_epoch updates
         fields.pop("total_steps")
         fields.update(epochs=2, steps_per_epoch=max(steps // 2, 1), eval_every_epochs=10**6)
@@ -94,11 +93,17 @@ def worker(spec, device_name, steps):
 
     counter = FlopCounterMode(display=False)
     with counter:
-        run_main(module, 2, **{**overrides, "compile": False})
+        run_main(module, 2, exp_name="speed_flops", **{**overrides, "compile": False})
     flops_per_step = counter.get_total_flops() / 2
-    output = run_main(module, steps, **overrides)
-    sps = [float(x) for x in re.findall(r"SPS ([0-9.]+)", output)]
-    print(json.dumps({"script": script, "path": path, "sps": sps[-1], "flops_per_step": flops_per_step}))
+    run_main(module, steps, **overrides)
+    # the unrounded SPS the script logged to TensorBoard over the second half of the steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = [os.path.join("runs", d) for d in os.listdir("runs") if not d.startswith("speed_flops")]
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    sps = events.Scalars("charts/SPS")[-1].value
+    print(json.dumps({"script": script, "path": path, "sps": sps, "flops_per_step": flops_per_step}))
 
 
 def main(args: Args):

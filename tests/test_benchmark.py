@@ -41,6 +41,16 @@ def test_print_commands_lists_the_grid_and_resumes_interrupted_runs(tmp_path):
     assert cds[0][-1] == "--resume"
 
 
+def test_longer_budget_and_sweep_methods(tmp_path):
+    out = runner("--print-commands", "--budget", "cpu-20k", "--seeds", "1", "--mixtures", "imbalanced",
+                 "--methods", "cql_cds_k50", "hcsac", "brac_cds_a0.1_k50", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cds, hcsac, brac = [shlex.split(line) for line in out.stdout.splitlines()]
+    assert cds[cds.index("--total-steps") + 1] == "20000" and cds[cds.index("--cds-percentile") + 1] == "50"
+    assert hcsac[hcsac.index("--steps-per-epoch") + 1] == "200" and hcsac[hcsac.index("--epochs") + 1] == "100"
+    assert brac[brac.index("--alpha") + 1] == "0.1" and brac[brac.index("--share") + 1] == "cds"
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     out = runner("--methods", "cql_nonsense", cwd=tmp_path)
     assert out.returncode != 0 and out.stderr.strip().startswith("error: unknown method 'cql_nonsense'")
@@ -76,6 +86,7 @@ def test_report_tables_curves_and_diagnostics(tmp_path):
     table = (results / "results.md").read_text()
     assert "| cql_noshare | 2 | 2000 | 121.5 ± 0.5 |" in table  # final return mean ± std over seeds 1, 2
     assert "| cql_cds | 2 | 2000 | 221.5 ± 0.5 |" in table
+    assert "| cql_noshare | 116.5 ± 0.5 |" in table  # the mean of the last evaluations (1000 and 2000), over seeds
     assert "jump → run_forward" in table and "0.750 ± 0.000" in table  # the mean of 0.7 and 0.8
     assert (results / "curves_imbalanced.png").stat().st_size > 1000
     saved = json.loads((results / "cql_cds__imbalanced__1.json").read_text())

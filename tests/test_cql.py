@@ -1,6 +1,7 @@
 """The CQL family: sharing rules, smoke runs that reach the updates, resume, divergence, bad input."""
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -140,6 +141,17 @@ def test_smoke_run_reaches_the_updates(script, small_datasets, tmp_path):
     assert trained["step"] == 30
     changed = [not torch.equal(fresh.state_dict()[k], v) for k, v in trained["actor"].items()]
     assert all(changed)
+
+
+@pytest.mark.parametrize("flag", ["--bf16", "--compile"])
+def test_fast_paths_reach_the_updates(flag, small_datasets, tmp_path):
+    out = run_script("cql_mt_cds", "--datasets", *small_datasets, "--total-steps", "10", "--eval-freq", "10",
+                     flag, *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "runs" / "cql_mt_cds__custom__1"
+    assert json.load(open(run_dir / "summary.json"))["steps_done"] == 10
+    losses = [v for _, v in scalars(str(run_dir), "losses/critic_loss")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
 @pytest.mark.parametrize("script", ["cql_mt_noshare", "cql_mt_cds"])

@@ -12,7 +12,7 @@ SHARED = [
     "TASKS", "INIT_HEIGHT", "OBS_DIM", "ACT_DIM", "task_terminals", "task_rewards", "JumpReward", "make_env",
     "MIXTURES", "DATASET_KEYS", "DatasetError", "load_dataset", "relabel", "load_mixture", "load_reference",
     "LOG_STD_MIN", "LOG_STD_MAX", "per_task_mean", "gather", "sample_own", "evaluate", "normalized_score",
-    "save_checkpoint", "rng_state", "set_rng_state", "fail",
+    "save_checkpoint", "rng_state", "set_rng_state", "keep_freed_memory", "fail",
 ]
 # Pieces shared by the scripts whose networks take a task one-hot (HCSAC learns an embedding instead).
 ONE_HOT = [s for s in PRESENT if s != "hcsac"]
