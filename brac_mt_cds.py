@@ -536,7 +536,7 @@ def sample_batch(buf, starts, sizes, critic, args):
                 from_src = (source[i] == j).float()
                 stats[f"sharing/{src}_to_{dst}"] = (routed[i] * from_src).sum() / from_src.sum().clamp_min(1)
         stats[f"cds/{dst}/q_own"] = q_own[i].mean()
-        stats[f"cds/{dst}/q_routed"] = (q_candidates[i] * routed[i]).sum() / routed[i].sum().clamp_min(1)
+        stats[f"cds/{dst}/q_routed"] = (q_candidates[i] * routed[i]).sum() / routed[i].sum()  # NaN: none routed
         stats[f"cds/{dst}/routed_fraction"] = routed[i].float().mean()
     kept, kept_routed = drop_unrouted(candidates, routed)  # same losses, fewer rows to compute
     indices = torch.cat([own, kept], 1)

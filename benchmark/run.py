@@ -187,8 +187,11 @@ def tensorboard_diagnostics(run_dir):
     for tag in events.Tags()["scalars"]:
         if tag.startswith(DIAGNOSTIC_PREFIXES):
             values = np.array([e.value for e in events.Scalars(tag)])
-            out[tag] = {"mean": float(values.mean()), "last_quarter": float(values[-max(len(values) // 4, 1):].mean()),
-                        "points": len(values)}
+            late = values[-max(len(values) // 4, 1):]
+            if tag.endswith("/q_routed"):  # a step that routed nothing has no routed Q-hat: NaN (earlier runs: 0)
+                values, late = values[np.isfinite(values) & (values != 0)], late[np.isfinite(late) & (late != 0)]
+            out[tag] = {"mean": float(values.mean()) if len(values) else None,
+                        "last_quarter": float(late.mean()) if len(late) else None, "points": len(values)}
     return out
 
 

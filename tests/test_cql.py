@@ -113,6 +113,9 @@ def test_cds_batch_routes_by_the_min_of_the_twin_critics():
     assert stats["sharing/jump_to_run_backward"].item() == 1.0
     assert stats["sharing/run_forward_to_run_backward"].item() == 0.0
     assert stats["cds/run_forward/routed_fraction"].item() == 1.0
+    # Q-hat of the routed data: the mean over what was routed, undefined (NaN) where nothing was
+    assert stats["cds/run_forward/q_routed"].item() == pytest.approx(rows[0, 2000:].double().mean().item())
+    assert math.isnan(stats["cds/jump/q_routed"].item())
     # relabelled rewards of routed candidates: column of the target task
     torch.testing.assert_close(batch["rewards"][1], (rows[1] * 3 + 1).float())
 
