@@ -3,7 +3,7 @@
     python benchmark/run.py --budget cpu --workers 2            # run the grid, 2 processes at a time
     python benchmark/run.py --budget paper --print-commands      # one command per line, for a cluster
     python benchmark/run.py --mode report --budget cpu           # results table and learning curves
-    python benchmark/run.py --budget cpu-20k --runs-dir runs-20k # the cpu configuration, twice as long
+    python benchmark/run.py --budget cpu-20k --workdir runs-20k  # the cpu configuration, twice as long
 
 A run whose summary.json says finished is skipped; an interrupted one (a checkpoint, not finished)
 is resumed with --resume. Runs live in runs/<method>__<mixture>__<seed>/ as every script writes them;
@@ -89,8 +89,8 @@ class Args:
     """passed to every script"""
     print_commands: bool = False
     """print the commands, one per line, instead of running them"""
-    runs_dir: str = "runs"
-    """where the scripts write their runs (they run with the current directory as cwd)"""
+    workdir: str = "."
+    """the folder the scripts run in; they write their runs to <workdir>/runs/ (keep budgets apart)"""
     results_dir: str = ""
     """where `report` writes (default: benchmark/results/<budget>)"""
 
@@ -119,7 +119,7 @@ def command(method, mixture, seed, args):
         flags = ["--total-steps", str(steps), "--eval-freq", str(eval_every), "--checkpoint-freq", str(eval_every)] + flags
     run = [sys.executable, os.path.join(ROOT, script + ".py"), "--exp-name", method, "--mixture", mixture,
            "--seed", str(seed), "--device", args.device, *budget["common"], *budget["per_script"].get(script, []), *flags]
-    run_dir = os.path.join(args.runs_dir, f"{method}__{mixture}__{seed}")
+    run_dir = os.path.join(args.workdir, "runs", f"{method}__{mixture}__{seed}")
     return run, run_dir
 
 
@@ -142,7 +142,7 @@ def run_grid(args):
         todo.append((cmd, run_dir))
     if args.print_commands:
         for cmd, _ in todo:
-            print(shlex.join(cmd))
+            print(shlex.join(cmd) if args.workdir == "." else f"cd {shlex.quote(args.workdir)} && {shlex.join(cmd)}")
         return
     print(f"{len(todo)} runs to do, {args.workers} at a time")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -153,7 +153,7 @@ def run_grid(args):
             os.makedirs(run_dir, exist_ok=True)
             log = open(os.path.join(run_dir, "stdout.log"), "a")
             print(f"start {run_dir}")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), run_dir, log))
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.workdir), run_dir, log))
         time.sleep(5)
         for item in list(running):
             proc, run_dir, log = item

@@ -41,6 +41,17 @@ def test_print_commands_lists_the_grid_and_resumes_interrupted_runs(tmp_path):
     assert cds[0][-1] == "--resume"
 
 
+def test_workdir_keeps_a_budget_apart(tmp_path):
+    # the scripts write to <cwd>/runs/, so a run is looked for, and run, in <workdir>/runs/
+    done = tmp_path / "w" / "runs" / "cql_noshare__imbalanced__1"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"finished": True}))
+    out = runner("--print-commands", "--workdir", "w", "--seeds", "1", "--mixtures", "imbalanced", cwd=tmp_path)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 8 and all(line.startswith("cd w && ") for line in lines)
+    assert not any("--exp-name cql_noshare " in line for line in lines)
+
+
 def test_longer_budget_and_sweep_methods(tmp_path):
     out = runner("--print-commands", "--budget", "cpu-20k", "--seeds", "1", "--mixtures", "imbalanced",
                  "--methods", "cql_cds_k50", "hcsac", "brac_cds_a0.1_k50", cwd=tmp_path)
