@@ -119,7 +119,7 @@ def command(method, mixture, seed, args):
         flags = ["--total-steps", str(steps), "--eval-freq", str(eval_every), "--checkpoint-freq", str(eval_every)] + flags
     run = [sys.executable, os.path.join(ROOT, script + ".py"), "--exp-name", method, "--mixture", mixture,
            "--seed", str(seed), "--device", args.device, *budget["common"], *budget["per_script"].get(script, []), *flags]
-    run_dir = os.path.join(args.workdir, "runs", f"{method}__{mixture}__{seed}")
+    run_dir = os.path.normpath(os.path.join(args.workdir, "runs", f"{method}__{mixture}__{seed}"))
     return run, run_dir
 
 
