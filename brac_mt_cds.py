@@ -684,7 +684,10 @@ def main(args: Args):
     behavior_optim = torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr)
     step, behavior_step, evals, wall_before = 0, 0, [], 0.0
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            fail(f"--resume: cannot read the checkpoint {ckpt_path} ({type(e).__name__}: {e})")
         if ckpt["args"]["share"] != args.share:
             fail(f"--resume: {run_dir} was trained with --share {ckpt['args']['share']}, not {args.share}")
         for module, key in ((actor, "actor"), (critic, "critic"), (critic_target, "critic_target"), (behavior, "behavior"),

@@ -608,7 +608,10 @@ def main(args: Args):
     cql_alpha_optim = torch.optim.Adam([log_cql_alpha], lr=args.q_lr)
     step, evals, wall_before = 0, [], 0.0
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            fail(f"--resume: cannot read the checkpoint {ckpt_path} ({type(e).__name__}: {e})")
         for module, key in ((actor, "actor"), (critic, "critic"), (critic_target, "critic_target"),
                             (actor_optim, "actor_optim"), (critic_optim, "critic_optim"),
                             (alpha_optim, "alpha_optim"), (cql_alpha_optim, "cql_alpha_optim")):

@@ -51,6 +51,15 @@ def test_workdir_keeps_a_budget_apart(tmp_path):
     assert len(lines) == 8 and all(line.startswith("cd w && ") for line in lines)
     assert not any("--exp-name cql_noshare " in line for line in lines)
 
+    # run mode: the script must find the interrupted run the runner found, i.e. run inside the workdir
+    cut = tmp_path / "w" / "runs" / "cql_cds__imbalanced__1"
+    cut.mkdir()
+    (cut / "checkpoint.pt").write_bytes(b"")  # not loadable: the run stops right after finding it
+    runner("--workdir", "w", "--seeds", "1", "--mixtures", "imbalanced", "--methods", "cql_cds", "--device", "cpu",
+           cwd=tmp_path)
+    log = (cut / "stdout.log").read_text()
+    assert "error: --resume: cannot read the checkpoint runs/cql_cds__imbalanced__1/checkpoint.pt" in log, log
+
 
 def test_longer_budget_and_sweep_methods(tmp_path):
     out = runner("--print-commands", "--budget", "cpu-20k", "--seeds", "1", "--mixtures", "imbalanced",
