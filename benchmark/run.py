@@ -170,6 +170,8 @@ def mean_std(values, digits=1):
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "n/a"
+    if len(values) == 1:  # one seed: no spread to report
+        return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 

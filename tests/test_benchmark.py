@@ -113,3 +113,13 @@ def test_report_tables_curves_and_diagnostics(tmp_path):
     assert saved["diagnostics"]["sharing/jump_to_run_forward"]["last_quarter"] == pytest.approx(0.75)
     assert ROOT not in json.dumps(saved)  # repository-relative paths only
     assert saved["command"].startswith("python cql_mt_cds.py --exp-name cql_cds")
+
+
+def test_mean_std_gives_no_spread_for_one_seed():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchmark_run", RUNNER)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run.mean_std([1.0, 2.0]) == "1.5 ± 0.5"
+    assert run.mean_std([3.0, float("nan"), None]) == "3.0"  # one finite value: its mean, no "± 0.0"
+    assert run.mean_std([float("nan")]) == "n/a"
