@@ -160,7 +160,8 @@ def run_grid(args):
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
-                print(f"{'done ' if proc.returncode == 0 else f'FAILED ({proc.returncode})'} {run_dir}")
+                outcome = {0: "done ", 130: "interrupted (resumes from its checkpoint)"}.get(proc.returncode, f"FAILED ({proc.returncode})")
+                print(f"{outcome} {run_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
