@@ -46,6 +46,7 @@ SWEEPS = {
     "brac_shareall_a0.1": ("brac_mt_cds", ["--share", "all", "--alpha", "0.1"]),
     "brac_cds_a0.1_k50": ("brac_mt_cds", ["--share", "cds", "--alpha", "0.1", "--cds-percentile", "50"]),
     "brac_cds_a0.3_k50": ("brac_mt_cds", ["--share", "cds", "--alpha", "0.3", "--cds-percentile", "50"]),
+    "brac_cds_a3": ("brac_mt_cds", ["--share", "cds", "--alpha", "3.0"]),
 }
 # budget name -> gradient steps, steps between evaluations, flags for every script, extra flags per script
 BUDGETS = {
