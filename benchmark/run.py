@@ -63,6 +63,7 @@ BUDGETS = {
 # the same reduced configuration run twice as long. A `cpu` run copied into the `cpu-20k` runs folder with
 # "finished" set to false in its summary.json is resumed from its 10k checkpoint (resume is exact).
 BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
+BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}  # the same, four times as long (copied from cpu-20k)
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -74,8 +75,8 @@ class Args:
     mode: str = "run"
     """`run` the grid, or `report` the finished runs"""
     budget: str = "cpu"
-    """`cpu` (the reduced configuration, 10k steps), `cpu-20k` (the same, 20k steps) or `paper` (every
-    script at its defaults, 1M steps)"""
+    """`cpu` (the reduced configuration, 10k steps), `cpu-20k` and `cpu-40k` (the same, 20k and 40k
+    steps) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
