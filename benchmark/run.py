@@ -64,6 +64,7 @@ BUDGETS = {
 # "finished" set to false in its summary.json is resumed from its 10k checkpoint (resume is exact).
 BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
 BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}  # the same, four times as long (copied from cpu-20k)
+BUDGETS["cpu-80k"] = {**BUDGETS["cpu"], "steps": 80_000}  # eight times as long (copied from cpu-40k)
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -75,8 +76,8 @@ class Args:
     mode: str = "run"
     """`run` the grid, or `report` the finished runs"""
     budget: str = "cpu"
-    """`cpu` (the reduced configuration, 10k steps), `cpu-20k` and `cpu-40k` (the same, 20k and 40k
-    steps) or `paper` (every script at its defaults, 1M steps)"""
+    """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the
+    same, 20k, 40k and 80k steps) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
