@@ -69,11 +69,13 @@ def test_longer_budget_and_sweep_methods(tmp_path):
     assert cds[cds.index("--total-steps") + 1] == "20000" and cds[cds.index("--cds-percentile") + 1] == "50"
     assert hcsac[hcsac.index("--steps-per-epoch") + 1] == "200" and hcsac[hcsac.index("--epochs") + 1] == "100"
     assert brac[brac.index("--alpha") + 1] == "0.1" and brac[brac.index("--share") + 1] == "cds"
-    out = runner("--print-commands", "--budget", "cpu-40k", "--seeds", "2", "--mixtures", "imbalanced",
-                 "--methods", "brac_cds", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    (brac,) = [shlex.split(line) for line in out.stdout.splitlines()]
-    assert brac[brac.index("--total-steps") + 1] == "40000" and brac[brac.index("--seed") + 1] == "2"
+    for budget, steps in (("cpu-20k", "20000"), ("cpu-40k", "40000"), ("cpu-80k", "80000")):
+        out = runner("--print-commands", "--budget", budget, "--seeds", "2", "--mixtures", "imbalanced",
+                     "--methods", "brac_cds", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        (brac,) = [shlex.split(line) for line in out.stdout.splitlines()]
+        assert brac[brac.index("--total-steps") + 1] == steps and brac[brac.index("--seed") + 1] == "2"
+        assert brac[brac.index("--n-hidden") + 1] == "2", "the longer budgets keep the cpu configuration"
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
