@@ -4,7 +4,8 @@ for the expert data of jump, to tell a walker that jumps from one that runs or f
 
 Usage, from the folder holding the runs:
     python benchmark/diagnostics/brac_jump_behaviour.py runs/brac_cds__imbalanced__{1,2,3} ...
-Output of the README's runs (BRAC no sharing and CDS at cpu-40k, all three modes at cpu-20k): brac_jump_behaviour.txt.
+Output of the README's runs (BRAC no sharing and CDS at cpu-40k and cpu-80k, all three modes at cpu-20k):
+brac_jump_behaviour.txt.
 """
 import os, sys, importlib.util, torch, numpy as np
 torch.set_num_threads(1)
