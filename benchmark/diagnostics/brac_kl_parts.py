@@ -5,7 +5,8 @@ to see how an actor that over-estimates leaves pi_beta (BRAC no sharing seed 2 b
 
 Usage, from the folder holding the runs:
     python benchmark/diagnostics/brac_kl_parts.py runs/brac_noshare__imbalanced__{1,2,3} ...
-Output of the README's runs (BRAC no sharing at cpu-40k and cpu-80k): brac_kl_parts.txt.
+Output of the README's runs (BRAC no sharing at cpu-40k, no sharing and CDS at cpu-80k): brac_kl_parts.txt.
+The networks are the cpu budget's (2x256).
 """
 import os, sys, importlib.util, torch, numpy as np
 torch.set_num_threads(1)
@@ -23,8 +24,8 @@ for d in sys.argv[1:]:
         s2, bs2 = (2 * ls).exp(), (2 * bls).exp()
         mean_part = ((m - bm) ** 2 / (2 * bs2)).sum(-1).mean().item()
         spread_part = (bls - ls + s2 / (2 * bs2) - 0.5).sum(-1).mean().item()
-        sat = (bm.abs() > 3).float().mean().item()
         out.append(f"{t}: KL {mean_part + spread_part:5.2f} = mean {mean_part:5.2f} + spread {spread_part:5.2f}; "
-                   f"log-std pi {ls.mean():+.2f} beta {bls.mean():+.2f}; |mean| pi {m.abs().mean():.2f} beta {bm.abs().mean():.2f}; "
-                   f"beta |mean|>3 {sat:.2f}")
-    print(d.rstrip('/').split('/')[-1], ck["step"]); [print("   ", x) for x in out]
+                   f"log-std pi {ls.mean():+.2f} beta {bls.mean():+.2f}; |mean| pi {m.abs().mean():.2f} beta {bm.abs().mean():.2f}")
+    print(d.rstrip('/').split('/')[-1], ck["step"])
+    for line in out:
+        print("   ", line)
