@@ -74,6 +74,12 @@ class Args:
     every --share mode, while 1.0 kept D_KL near 1-2 nats (close to the paper's no-sharing values) and the
     running tasks near their best (a sweep of 0.1 / 0.3 / 1.0, see the README); at 3.0 the penalty outweighed the
     reward (Q of the data about -30) and the critic collapsed after 7k steps"""
+    target_kl: float | None = None
+    """with a value, each task's alpha is learned by dual gradient descent so that its D_KL tends to this many
+    nats, starting from --alpha (BRAC's code: train_alpha with target_divergence, off by default, as here). See
+    the README: with fixed alpha, BRAC without sharing over-estimated and collapsed on one seed of three"""
+    alpha_lr: float = 1e-3
+    """Adam learning rate of log alpha with --target-kl (BRAC's run_primal.sh: 1e-3 for its alpha)"""
     kl_samples: int = 4
     """actions sampled from pi per state to estimate the KL (BRAC's n_div_samples: 4)"""
     behavior_warmup_steps: int = 300_000
@@ -398,11 +404,12 @@ def kl_estimate(actor, behavior, obs, task_ids, n):
     return kl, u, log_pi
 
 
-def brac_losses(actor, critic, critic_target, behavior, batch, args, q_weight=1.0):
+def brac_losses(actor, critic, critic_target, behavior, batch, args, alpha, q_weight=1.0):
     """Actor, critic and behaviour-model losses of one gradient step.
 
     batch: tensors shaped (n_tasks, M, ...): obs, actions, rewards, terminals, next_obs, task_ids,
-    and weights (1 where task i trains on the transition). q_weight: 0 during the actor's warm-up.
+    and weights (1 where task i trains on the transition). alpha: (n_tasks,) divergence weights, no
+    gradient (--alpha, or learned with --target-kl). q_weight: 0 during the actor's warm-up.
     No SAC entropy term, as in BRAC's primal agent (alpha_entropy = 0 by default and in its scripts):
     alpha D = alpha E[log pi - log pi_beta] already rewards pi's entropy. Returns (losses, stats,
     per-task stats).
@@ -415,16 +422,17 @@ def brac_losses(actor, critic, critic_target, behavior, batch, args, q_weight=1.
         m = obs.shape[1]
         kl, next_kl = kl_both[:, :m], kl_both[:, m:].detach()  # D(s) with gradient, D(s')
         new_actions, next_actions = torch.tanh(u[0, :, :m]), torch.tanh(u[0, :, m:]).detach()  # a ~ pi(.|s), a' ~ pi(.|s')
+        alpha = alpha[task_ids]  # (T, M): the weight of the task each row trains
 
         # actor: min_pi E[alpha D(s) - min_k Q_k(s, a)]  (BRAC-v and BRAC-p alike)
         q_new = critic(obs, task_ids, new_actions, detach_params=True).min(0).values
-        actor_loss = per_task_mean(args.alpha * kl - q_weight * q_new, weights)
+        actor_loss = per_task_mean(alpha * kl - q_weight * q_new, weights)
 
         # TD target: y = r + gamma (1 - d) (min_k Q'_k(s', a') - alpha D(s'))  (BRAC-p: without alpha D)
         with torch.no_grad():
             next_q = critic_target(next_obs, task_ids, next_actions).min(0).values
             if not args.policy_penalty_only:
-                next_q = next_q - args.alpha * next_kl
+                next_q = next_q - alpha * next_kl
             target = batch["rewards"] + args.gamma * (1.0 - batch["terminals"]) * next_q
         q_data = critic(obs, task_ids, actions)  # (2, T, M)
 
@@ -439,6 +447,15 @@ def brac_losses(actor, critic, critic_target, behavior, batch, args, q_weight=1.
     per_task = {"kl": task_means(kl, weights).detach(),
                 "behavior_log_likelihood": task_means(behavior_log_prob, weights).detach()}
     return losses, stats, per_task
+
+
+def alpha_loss(log_alpha, task_kl, target_kl):
+    """--target-kl: dual gradient descent on alpha, as BRAC's train_alpha (loss -alpha (D - target)): each task's
+    alpha grows while its D_KL is above the target and shrinks below it. Here on log alpha, so that alpha stays
+    positive (BRAC's code clipped alpha to [0, 500]); BRAC's code also trained alpha during the actor's warm-up,
+    where pi only moves toward pi_beta and alpha could only shrink; here it is learned once the actor sees Q.
+    log_alpha: (n_tasks,) with gradient; task_kl: (n_tasks,) D_KL of each task's batch, no gradient."""
+    return -(log_alpha * (task_kl - target_kl)).sum()
 
 
 def gather(buf, indices, weights):
@@ -630,6 +647,11 @@ def main(args: Args):
     for name in ("behavior_warmup_steps", "actor_warmup_steps"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(args, name)}")
+    if not args.alpha >= 0:
+        fail(f"--alpha must be zero or positive, got {args.alpha}")
+    if args.target_kl is not None and not (args.target_kl > 0 and args.alpha > 0 and args.alpha_lr > 0):
+        fail(f"--target-kl learns alpha from --alpha at --alpha-lr: all three must be positive, "
+             f"got {args.target_kl}, {args.alpha} and {args.alpha_lr}")
     if args.share not in ("none", "all", "cds"):
         fail(f"--share must be none, all or cds, got {args.share!r}")
     if args.device not in ("auto", "cpu", "cuda"):
@@ -683,6 +705,9 @@ def main(args: Args):
     actor_optim = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_optim = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
     behavior_optim = torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr)
+    # alpha, one per task: --alpha, or learned toward --target-kl by dual gradient descent on log alpha
+    log_alpha = torch.full((n_tasks,), float(args.alpha), device=device).log().requires_grad_(args.target_kl is not None)
+    alpha_optim = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     step, behavior_step, evals, wall_before = 0, 0, [], 0.0
     if args.resume:
         try:
@@ -694,6 +719,10 @@ def main(args: Args):
         for module, key in ((actor, "actor"), (critic, "critic"), (critic_target, "critic_target"), (behavior, "behavior"),
                             (actor_optim, "actor_optim"), (critic_optim, "critic_optim"), (behavior_optim, "behavior_optim")):
             module.load_state_dict(ckpt[key])
+        if args.target_kl is not None and ckpt["args"].get("target_kl") is not None:  # else alpha restarts at --alpha
+            with torch.no_grad():
+                log_alpha.copy_(ckpt["log_alpha"])
+            alpha_optim.load_state_dict(ckpt["alpha_optim"])
         step, behavior_step, evals, wall_before = ckpt["step"], ckpt["behavior_step"], ckpt["evals"], ckpt["wall_time"]
         set_rng_state(ckpt["rng"])
         print(f"resumed {run_name} at step {step}")
@@ -706,19 +735,20 @@ def main(args: Args):
 
     def state():
         return {"actor": actor.state_dict(), "critic": critic.state_dict(), "critic_target": critic_target.state_dict(),
-                "behavior": behavior.state_dict(), "actor_optim": actor_optim.state_dict(),
+                "behavior": behavior.state_dict(), "log_alpha": log_alpha.detach().clone(), "alpha_optim": alpha_optim.state_dict(),
+                "actor_optim": actor_optim.state_dict(),
                 "critic_optim": critic_optim.state_dict(), "behavior_optim": behavior_optim.state_dict(),
                 "step": step, "behavior_step": behavior_step, "evals": evals,
                 "wall_time": wall_before + time.time() - start_time, "rng": rng_state(), "args": asdict(args),
                 "obs_mean": obs_mean, "obs_std": obs_std, "tasks": args.tasks}
 
-    def run_evaluation(kl):
+    def run_evaluation(kl, alpha):
         returns = evaluate(actor, args.tasks, args.eval_episodes, obs_mean, obs_std, args.seed * 100_000, device)
         result = {"step": step}
         for i, task in enumerate(args.tasks):
             ret = float(returns[task].mean())
             result[task] = {"return": ret, "return_std": float(returns[task].std()),
-                            "normalized_score": normalized_score(task, ret, reference), "kl": kl[i]}
+                            "normalized_score": normalized_score(task, ret, reference), "kl": kl[i], "alpha": alpha[i]}
             writer.add_scalar(f"eval/{task}/return", ret, step)
             writer.add_scalar(f"eval/{task}/normalized_score", result[task]["normalized_score"], step)
         result["average_return"] = float(np.mean([result[t]["return"] for t in args.tasks]))
@@ -791,14 +821,19 @@ def main(args: Args):
         while step < args.total_steps:
             batch, sharing = sample_batch(buf, starts, sizes, critic, args)
             q_weight = float(step >= args.actor_warmup_steps)  # BRAC's warm start: the actor ignores Q at first
-            losses, stats, per_task = loss_fn(actor, critic, critic_target, behavior, batch, args, q_weight)
+            alpha = log_alpha.detach().exp()
+            losses, stats, per_task = loss_fn(actor, critic, critic_target, behavior, batch, args, alpha, q_weight)
+            if args.target_kl is not None and q_weight > 0:  # not in the actor's warm-up, where alpha could only shrink
+                losses["alpha"] = alpha_loss(log_alpha, per_task["kl"], args.target_kl)
             diverged |= ~torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all()
-            for optim in (actor_optim, critic_optim, behavior_optim):
+            for optim in (actor_optim, critic_optim, behavior_optim, alpha_optim):
                 optim.zero_grad(set_to_none=True)
-            (losses["actor"] + losses["critic"] + losses["behavior"]).backward()
+            sum(losses.values()).backward()
             actor_optim.step()
             critic_optim.step()
             behavior_optim.step()
+            if "alpha" in losses:
+                alpha_optim.step()
             with torch.no_grad():  # Polyak averaging of the target critics
                 for p, tp in zip(critic.parameters(), critic_target.parameters()):
                     tp.lerp_(p, args.tau)
@@ -818,16 +853,19 @@ def main(args: Args):
                 for i, task in enumerate(args.tasks):  # D_KL(pi, pi_beta) per task: the paper's analysis table
                     for key, value in per_task.items():
                         writer.add_scalar(f"brac/{task}/{key}", value[i].item(), step)
+                    writer.add_scalar(f"brac/{task}/alpha", alpha[i].item(), step)
                 for key, value in sharing.items():
                     writer.add_scalar(key, value.item(), step)
                 writer.add_scalar("charts/SPS", sps, step)
                 eta = (args.total_steps - step) / max(sps, 1e-9)
                 last = f"{evals[-1]['average_normalized_score']:.1f} @ {evals[-1]['step']}" if evals else "none yet"
                 print(f"step {step}/{args.total_steps} | SPS {sps:.1f} | critic {losses['critic'].item():.2f} "
-                      f"| Q(data) {stats['q_data'].item():.1f} | KL {stats['kl'].item():.2f} | last eval score {last} "
+                      f"| Q(data) {stats['q_data'].item():.1f} | KL {stats['kl'].item():.2f} "
+                      + (f"| alpha {' '.join(f'{x:.2f}' for x in alpha.tolist())} " if args.target_kl is not None else "")
+                      + f"| last eval score {last} "
                       f"| ETA {eta / 3600:.1f} h", flush=True)
             if step % args.eval_freq == 0 or step == args.total_steps:
-                run_evaluation(per_task["kl"].tolist())
+                run_evaluation(per_task["kl"].tolist(), alpha.tolist())
                 write_summary(finished=step == args.total_steps)
             if step % args.checkpoint_freq == 0 or step == args.total_steps:
                 save_checkpoint(ckpt_path, state())

@@ -141,9 +141,10 @@ def brac_setup(m, **args):
 
 @pytest.mark.parametrize("penalty_only", [False, True])
 def test_brac_losses_implement_the_value_penalty(m, penalty_only):
-    actor, critic, target, behavior, batch, args = brac_setup(m, alpha=0.7, policy_penalty_only=penalty_only)
+    actor, critic, target, behavior, batch, args = brac_setup(m, policy_penalty_only=penalty_only)
     torch.manual_seed(5)
-    losses, stats, per_task = m.brac_losses(actor, critic, target, behavior, batch, args)
+    alpha = torch.tensor([0.7, 0.2, 1.5])  # one weight per task
+    losses, stats, per_task = m.brac_losses(actor, critic, target, behavior, batch, args, alpha)
     torch.manual_seed(5)  # the same samples: the loss draws pi's actions for s and s' in one call first
     both_obs, both_ids = torch.cat([batch["obs"], batch["next_obs"]], 1), torch.cat([batch["task_ids"]] * 2, 1)
     kl_both = m.kl_estimate(actor, behavior, both_obs, both_ids, 3)[0].detach()
@@ -153,11 +154,11 @@ def test_brac_losses_implement_the_value_penalty(m, penalty_only):
     def mean(x):
         return ((x * w).sum(1) / w.sum(1)).mean()
 
-    # y = r + gamma (1 - d) (Q' - alpha D(s')) with Q' = 0; BRAC-p: y = r
-    penalty = 0.0 if penalty_only else args.gamma * (1 - batch["terminals"]) * 0.7 * next_kl
+    # y = r + gamma (1 - d) (Q' - alpha_i D(s')) with Q' = 0, alpha_i of the row's task; BRAC-p: y = r
+    penalty = 0.0 if penalty_only else args.gamma * (1 - batch["terminals"]) * alpha[:, None] * next_kl
     y = batch["rewards"] - penalty
     torch.testing.assert_close(losses["critic"], mean(2 * y ** 2))  # both critics, Q = 0
-    torch.testing.assert_close(losses["actor"], mean(0.7 * kl))  # alpha D(s) - Q, Q = 0, in BRAC-v and BRAC-p
+    torch.testing.assert_close(losses["actor"], mean(alpha[:, None] * kl))  # alpha D(s) - Q, Q = 0, BRAC-v and -p
     log_beta = behavior.log_prob(batch["obs"], batch["task_ids"], batch["actions"]).detach()
     torch.testing.assert_close(losses["behavior"], -mean(log_beta))  # fitted on exactly the weighted batch
     torch.testing.assert_close(per_task["kl"], (kl * w).sum(1) / w.sum(1))
@@ -178,10 +179,23 @@ def test_actor_warm_up_drops_the_q_term(m):
     with torch.no_grad():
         critic.biases[-1].fill_(3.0)  # Q = 3 everywhere
     torch.manual_seed(1)
-    with_q = m.brac_losses(actor, critic, target, behavior, batch, args)[0]["actor"]
+    alpha = torch.ones(3)
+    with_q = m.brac_losses(actor, critic, target, behavior, batch, args, alpha)[0]["actor"]
     torch.manual_seed(1)
-    warm_up = m.brac_losses(actor, critic, target, behavior, batch, args, q_weight=0.0)[0]["actor"]
+    warm_up = m.brac_losses(actor, critic, target, behavior, batch, args, alpha, q_weight=0.0)[0]["actor"]
     torch.testing.assert_close(with_q, warm_up - 3.0)
+
+
+def test_alpha_loss_moves_each_task_alpha_toward_its_target_kl(m):
+    log_alpha = torch.zeros(3, requires_grad=True)  # alpha = 1 for every task
+    optim = torch.optim.Adam([log_alpha], lr=0.1)
+    task_kl = torch.tensor([3.0, 1.0, 1.5])  # above, below and at a target of 1.5 nats
+    loss = m.alpha_loss(log_alpha, task_kl, 1.5)
+    torch.testing.assert_close(loss, -(log_alpha * (task_kl - 1.5)).sum())
+    loss.backward()
+    torch.testing.assert_close(log_alpha.grad, torch.tensor([-1.5, 0.5, 0.0]))
+    optim.step()
+    assert log_alpha[0] > 0 and log_alpha[1] < 0 and log_alpha[2] == 0  # alpha up, down, unchanged
 
 
 # ---------------------------------------------------------------- the sharing rules with BRAC's critic
@@ -273,6 +287,7 @@ def test_smoke_run_reaches_the_updates(m, share, small_datasets, tmp_path):
     assert summary["finished"] and summary["steps_done"] == 40 and summary["args"]["share"] == share
     for task in TASKS:  # the latest D_KL(pi, pi_beta) of each task, in every evaluation record
         assert math.isfinite(summary["final"][task]["kl"]) and math.isfinite(summary["final"][task]["return"])
+        assert summary["final"][task]["alpha"] == 1.0  # fixed at --alpha without --target-kl
     tags = ["losses/critic_loss", "losses/actor_loss", "losses/behavior_loss", "losses/kl", "losses/q_data",
             "losses/entropy", "losses/behavior_log_likelihood", "charts/SPS", "eval/jump/return",
             "eval/average_return", "eval/average_normalized_score", "warmup/behavior_log_likelihood"]
@@ -296,10 +311,31 @@ def test_smoke_run_reaches_the_updates(m, share, small_datasets, tmp_path):
     for key, net in fresh.items():
         assert all(not torch.equal(net.state_dict()[k], v) for k, v in ckpt[key].items()), key
     assert any(not torch.equal(ckpt["critic"][k], v) for k, v in ckpt["critic_target"].items())
+    assert not ckpt["alpha_optim"]["state"]  # alpha is not learned without --target-kl
 
 
-def test_resume_continues_the_run_exactly(small_datasets, tmp_path):
-    flags = ["--datasets", *small_datasets, "--eval-freq", "20", "--checkpoint-freq", "20", *TINY]
+def test_target_kl_learns_each_task_alpha(small_datasets, tmp_path):
+    # a target far below pi's D_KL: every task's alpha must grow from --alpha, once the actor's warm-up is over
+    out = run_script(SCRIPT, "--datasets", *small_datasets, "--share", "cds", "--total-steps", "40", "--eval-freq", "20",
+                     "--target-kl", "0.001", "--alpha", "0.5", "--alpha-lr", "0.01", *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "runs" / f"{SCRIPT}__custom__1"
+    summary = json.load(open(run_dir / "summary.json"))
+    for task in TASKS:
+        alphas = [e[task]["alpha"] for e in summary["evals"]]
+        assert 0.5 < alphas[0] < alphas[1], (task, alphas)
+        assert [s for s, _ in scalars(run_dir, f"brac/{task}/alpha")] == [10, 20, 30, 40]
+    assert scalars(run_dir, "losses/alpha_loss")
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    # 40 steps, of which the 10 of the actor's warm-up do not train alpha
+    assert [s["step"].item() for s in ckpt["alpha_optim"]["state"].values()] == [30]
+    # the evaluation records the alpha of step 40's losses; the checkpoint holds it after step 40's update
+    assert (ckpt["log_alpha"].exp() > torch.tensor([summary["final"][t]["alpha"] for t in TASKS])).all()
+
+
+@pytest.mark.parametrize("extra", [[], ["--target-kl", "0.5"]], ids=["fixed-alpha", "target-kl"])
+def test_resume_continues_the_run_exactly(small_datasets, tmp_path, extra):
+    flags = ["--datasets", *small_datasets, "--eval-freq", "20", "--checkpoint-freq", "20", *TINY, *extra]
     straight = run_script(SCRIPT, *flags, "--total-steps", "40", "--exp-name", "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     half = run_script(SCRIPT, *flags, "--total-steps", "20", "--exp-name", "split", cwd=tmp_path)
@@ -314,6 +350,7 @@ def test_resume_continues_the_run_exactly(small_datasets, tmp_path):
     for key in ("actor", "critic", "critic_target", "behavior"):
         for name, value in a[key].items():
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=0)
+    torch.testing.assert_close(b["log_alpha"], a["log_alpha"], rtol=0, atol=0)
     summary = json.load(open(tmp_path / "runs/split__custom__1/summary.json"))
     assert [e["step"] for e in summary["evals"]] == [20, 40]
     # a run is continued with the data-sharing rule it was trained with
@@ -352,6 +389,9 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         (["--tasks", "run_forward", "fly"], "unknown task 'fly'"),
         (["--datasets", str(tmp_path / "missing.npz"), *small_datasets[1:]], "dataset file not found"),
         (["--tasks", "run_forward", "--datasets", small_datasets[0]], "at least two --tasks"),
+        (["--datasets", *small_datasets, "--alpha", "-1"], "--alpha must be zero or positive, got -1.0"),
+        (["--datasets", *small_datasets, "--target-kl", "0"], "--target-kl learns alpha from --alpha at --alpha-lr"),
+        (["--datasets", *small_datasets, "--target-kl", "1", "--alpha", "0"], "all three must be positive"),
     ]
     for flags, message in cases:
         out = run_script(SCRIPT, *flags, cwd=tmp_path)
