@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -73,11 +74,14 @@ class Args:
     value penalty; on our data 0.1 let D_KL grow to 7-15 nats on the running tasks and their returns decay in
     every --share mode, while 1.0 kept D_KL near 1-2 nats (close to the paper's no-sharing values) and the
     running tasks near their best (a sweep of 0.1 / 0.3 / 1.0, see the README); at 3.0 the penalty outweighed the
-    reward (Q of the data about -30) and the critic collapsed after 7k steps"""
+    reward (Q of the data about -30) and the critic collapsed after 7k steps. With --target-kl: every task's
+    starting alpha"""
     target_kl: float | None = None
     """with a value, each task's alpha is learned by dual gradient descent so that its D_KL tends to this many
-    nats, starting from --alpha (BRAC's code: train_alpha with target_divergence, off by default, as here). See
-    the README: with fixed alpha, BRAC without sharing over-estimated and collapsed on one seed of three"""
+    nats, starting from --alpha (BRAC's code: train_alpha with target_divergence, off by default, as here). With
+    the value penalty it is unstable on our data: the critic learns Q of r - alpha D, so its pull on the actor
+    grows with alpha, and alpha ran away (to 60-80 in 22k steps). With --policy-penalty-only, 1.5 held D_KL near
+    1.5 nats on the no-sharing seed that over-estimated at a fixed alpha (see the README)"""
     alpha_lr: float = 1e-3
     """Adam learning rate of log alpha with --target-kl (BRAC's run_primal.sh: 1e-3 for its alpha)"""
     kl_samples: int = 4
@@ -444,7 +448,7 @@ def brac_losses(actor, critic, critic_target, behavior, batch, args, alpha, q_we
     losses = {"critic": critic_loss, "actor": actor_loss, "behavior": behavior_loss}
     stats = {"q_data": per_task_mean(q_data.mean(0), weights).detach(), "kl": per_task_mean(kl, weights).detach(),
              "entropy": -per_task_mean(log_pi[0, :, :m], weights).detach(), "behavior_log_likelihood": -behavior_loss.detach()}
-    per_task = {"kl": task_means(kl, weights).detach(),
+    per_task = {"kl": task_means(kl, weights).detach(), "q_data": task_means(q_data.mean(0), weights).detach(),
                 "behavior_log_likelihood": task_means(behavior_log_prob, weights).detach()}
     return losses, stats, per_task
 
@@ -633,6 +637,20 @@ def keep_freed_memory():
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap for reuse
 
 
+def warn_over_estimation(task, q, ceiling, step, ckpt_path, warnings):
+    """Once per task: the critic rates the task's data above any value its targets can build. BRAC's value
+    penalty does not stop its critic from extrapolating upward at actions the data lacks (the README's
+    no-sharing seed 2). The run goes on; the checkpoint written before this step is copied aside."""
+    kept = ckpt_path.replace(".pt", f"_before_{task}_overestimated.pt")
+    if os.path.exists(ckpt_path):
+        shutil.copyfile(ckpt_path, kept)
+    message = (f"step {step}: the critic rates {task}'s data at Q {q:.0f}, above any value its targets can build "
+               f"from the data's rewards (max r / (1 - gamma) = {ceiling:.0f}): it over-estimates, and the returns "
+               f"that follow are not to be trusted; the last checkpoint before this is kept in {kept}")
+    print(f"warning: {message}", flush=True)
+    warnings.append({"step": step, "task": task, "message": message})
+
+
 def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -694,6 +712,9 @@ def main(args: Args):
     sizes = torch.tensor(data["sizes"], device=device)
     starts = torch.cumsum(sizes, 0) - sizes
     n_tasks = len(args.tasks)
+    # the critic's targets are built from the data's rewards only, so no fixed point exceeds max r / (1 - gamma):
+    # a critic that rates the data above it over-estimates
+    q_ceiling = (buf["rewards_all"].max(0).values / (1.0 - args.gamma)).tolist()
     if n_tasks < 2 and args.share == "cds":
         fail("CDS shares data between tasks: give it at least two --tasks (or --share none)")
 
@@ -708,7 +729,7 @@ def main(args: Args):
     # alpha, one per task: --alpha, or learned toward --target-kl by dual gradient descent on log alpha
     log_alpha = torch.full((n_tasks,), float(args.alpha), device=device).log().requires_grad_(args.target_kl is not None)
     alpha_optim = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
-    step, behavior_step, evals, wall_before = 0, 0, [], 0.0
+    step, behavior_step, evals, wall_before, warnings = 0, 0, [], 0.0, []
     if args.resume:
         try:
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -724,6 +745,7 @@ def main(args: Args):
                 log_alpha.copy_(ckpt["log_alpha"])
             alpha_optim.load_state_dict(ckpt["alpha_optim"])
         step, behavior_step, evals, wall_before = ckpt["step"], ckpt["behavior_step"], ckpt["evals"], ckpt["wall_time"]
+        warnings = ckpt.get("warnings", [])
         set_rng_state(ckpt["rng"])
         print(f"resumed {run_name} at step {step}")
     loss_fn = torch.compile(brac_losses) if args.compile else brac_losses
@@ -738,7 +760,7 @@ def main(args: Args):
                 "behavior": behavior.state_dict(), "log_alpha": log_alpha.detach().clone(), "alpha_optim": alpha_optim.state_dict(),
                 "actor_optim": actor_optim.state_dict(),
                 "critic_optim": critic_optim.state_dict(), "behavior_optim": behavior_optim.state_dict(),
-                "step": step, "behavior_step": behavior_step, "evals": evals,
+                "step": step, "behavior_step": behavior_step, "evals": evals, "warnings": warnings,
                 "wall_time": wall_before + time.time() - start_time, "rng": rng_state(), "args": asdict(args),
                 "obs_mean": obs_mean, "obs_std": obs_std, "tasks": args.tasks}
 
@@ -765,7 +787,7 @@ def main(args: Args):
         summary = {"exp_name": args.exp_name, "run_name": run_name, "finished": finished, "steps_done": step,
                    "wall_time_s": wall_before + time.time() - start_time, "device": str(device),
                    "datasets": dict(zip(args.tasks, paths)), "final": evals[-1] if evals else None, "best": best,
-                   "evals": evals, "args": asdict(args)}
+                   "warnings": warnings, "evals": evals, "args": asdict(args)}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
 
@@ -857,6 +879,10 @@ def main(args: Args):
                 for key, value in sharing.items():
                     writer.add_scalar(key, value.item(), step)
                 writer.add_scalar("charts/SPS", sps, step)
+                for i, task in enumerate(args.tasks):
+                    q = per_task["q_data"][i].item()
+                    if q > q_ceiling[i] and not any(w["task"] == task for w in warnings):
+                        warn_over_estimation(task, q, q_ceiling[i], step, ckpt_path, warnings)
                 eta = (args.total_steps - step) / max(sps, 1e-9)
                 last = f"{evals[-1]['average_normalized_score']:.1f} @ {evals[-1]['step']}" if evals else "none yet"
                 print(f"step {step}/{args.total_steps} | SPS {sps:.1f} | critic {losses['critic'].item():.2f} "

@@ -359,6 +359,28 @@ def test_resume_continues_the_run_exactly(small_datasets, tmp_path, extra):
     assert other.returncode == 2 and "was trained with --share cds, not none" in other.stderr
 
 
+def test_over_estimation_is_reported_once_per_task_and_the_checkpoint_before_it_kept(small_datasets, tmp_path):
+    flags = ["--datasets", *small_datasets, "--share", "none", "--eval-freq", "20", "--checkpoint-freq", "20", *TINY]
+    out = run_script(SCRIPT, *flags, "--total-steps", "20", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "warning" not in out.stdout  # a healthy critic: no warning
+    run_dir = tmp_path / "runs" / f"{SCRIPT}__custom__1"
+    assert json.load(open(run_dir / "summary.json"))["warnings"] == []
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["critic"]["biases.2"] += 1e4  # a critic that rates everything at about 10^4, far above max r / (1 - gamma)
+    torch.save(ckpt, ckpt_path)
+    out = run_script(SCRIPT, *flags, "--total-steps", "40", "--resume", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr  # the run goes on
+    lines = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 3 and all("step 30: the critic rates" in line and "over-estimates" in line for line in lines)
+    summary = json.load(open(run_dir / "summary.json"))
+    assert [(w["step"], w["task"]) for w in summary["warnings"]] == [(30, t) for t in TASKS]
+    for task in TASKS:  # a copy of the checkpoint written before the warning (step 20's)
+        kept = torch.load(run_dir / f"checkpoint_before_{task}_overestimated.pt", weights_only=False)
+        assert kept["step"] == 20 and kept["critic"]["biases.2"].min() > 1e3
+
+
 def test_ctrl_c_in_the_behaviour_warm_up_saves_a_checkpoint_that_resumes(small_datasets, tmp_path):
     flags = ["--datasets", *small_datasets, "--eval-freq", "100000", *TINY]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPT + ".py"), *flags, "--behavior-warmup-steps", "100000",
