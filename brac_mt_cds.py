@@ -885,11 +885,10 @@ def main(args: Args):
                         warn_over_estimation(task, q, q_ceiling[i], step, ckpt_path, warnings)
                 eta = (args.total_steps - step) / max(sps, 1e-9)
                 last = f"{evals[-1]['average_normalized_score']:.1f} @ {evals[-1]['step']}" if evals else "none yet"
+                learned = f"| alpha {' '.join(f'{x:.2f}' for x in alpha.tolist())} " if args.target_kl is not None else ""
                 print(f"step {step}/{args.total_steps} | SPS {sps:.1f} | critic {losses['critic'].item():.2f} "
-                      f"| Q(data) {stats['q_data'].item():.1f} | KL {stats['kl'].item():.2f} "
-                      + (f"| alpha {' '.join(f'{x:.2f}' for x in alpha.tolist())} " if args.target_kl is not None else "")
-                      + f"| last eval score {last} "
-                      f"| ETA {eta / 3600:.1f} h", flush=True)
+                      f"| Q(data) {stats['q_data'].item():.1f} | KL {stats['kl'].item():.2f} {learned}"
+                      f"| last eval score {last} | ETA {eta / 3600:.1f} h", flush=True)
             if step % args.eval_freq == 0 or step == args.total_steps:
                 run_evaluation(per_task["kl"].tolist(), alpha.tolist())
                 write_summary(finished=step == args.total_steps)

@@ -6,8 +6,8 @@ smallest-loss at mu - mu_beta = sigma_beta^2 g / alpha, where it equals
     sum_d (sigma_beta_d g_d)^2 / (2 alpha^2),
 so the pull |sigma_beta * g| (g = dQ/du at the actor's mean, in units of pi_beta's spread) sets how far the
 actor's mean sits from pi_beta's at a given alpha. Printed per task: the run's alpha (learned with --target-kl,
-else --alpha), the measured mean part of the KL, the pull, the mean part it predicts at that alpha, and Q-hat at the actor's mean action minus Q-hat at the data's
-action (how much more the critic values the actor's action than the data's).
+else --alpha), the measured mean part of the KL, the pull, the mean part it predicts at that alpha, and Q-hat at
+the actor's mean action minus Q-hat at the data's action (how much more the critic values the actor's action).
 
 Usage, from the folder holding the runs:
     python benchmark/diagnostics/brac_q_slope.py runs/brac_noshare__imbalanced__{1,2,3} ...
