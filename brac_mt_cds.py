@@ -1,16 +1,12 @@
-"""Multi-task BRAC with Conservative Data Sharing (CDS): one actor, one twin critic and one behaviour
-model for all tasks, conditioned on a task one-hot; task i is trained on D_i plus the transitions of
-other tasks that CDS routes to it, relabelled to task i.
-
-BRAC-v (Wu, Tucker & Nachum, 2019): behaviour-regularised actor-critic with a value penalty. A
-behaviour model pi_beta(a|s,i) is fitted by maximum likelihood to the data each task trains on; the
-critic's target subtracts alpha * KL(pi || pi_beta)(s') and the actor minimises alpha * KL - Q. CDS
-(Yu et al., NeurIPS 2021) routes a transition of task j to task i when its penalised Q-value under
-task i reaches the top-k percentile of task i's own data (seed 000: r-hat = r - D(pi, pi_beta)).
-`--share none` and `--share all` give BRAC's no-sharing and share-all baselines from the same file.
-`python brac_mt_cds.py` trains on the shipped MT-Walker2d imbalanced mixture (run_forward/medium-replay,
-run_backward/medium, jump/expert) and evaluates all three tasks.
+"""Multi-task BRAC with Conservative Data Sharing (CDS): task i trains on D_i plus the other tasks' transitions whose
+value-penalised Q under task i reaches the top-k percentile of task i's own, relabelled to task i. BRAC: Wu, Tucker &
+Nachum (2019), https://arxiv.org/abs/1911.11361. CDS: Yu et al. (2021), https://arxiv.org/abs/2109.08128. BRAC-v: a
+behaviour model pi_beta(a|s,i) is fitted by maximum likelihood to the data each task trains on; the critic's target
+subtracts alpha KL(pi || pi_beta)(s'), and the actor minimises alpha KL - Q. `--share none` and `all` give the
+baselines. One network of each kind for all tasks, fed a task one-hot. Top to bottom: Args, tasks, networks, the losses,
+the sharing rule, evaluation, the training loop; below the PLUMBING banner, the code every script shares.
 """
+
 import ctypes
 import json
 import math
@@ -35,99 +31,59 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment; the run is stored in runs/<exp_name>__<mixture>__<seed>"""
-    seed: int = 1
-    """seed of torch, numpy, random and the evaluation environments"""
-    torch_deterministic: bool = True
-    """make torch pick deterministic algorithms (same seed on CPU = same losses)"""
-    device: str = "auto"
-    """`auto` (CUDA when present), `cpu` or `cuda`"""
-    mixture: str = "imbalanced"
-    """shipped dataset mixture: `imbalanced` (the paper's) or `all-medium`"""
-    tasks: tuple[str, ...] = ("run_forward", "run_backward", "jump")
-    """the tasks to train and evaluate, in order (their one-hot follows this order)"""
-    datasets: tuple[str, ...] = ()
-    """one .npz per task, in the order of --tasks (default: the mixture's shipped files)"""
-    reference: str = os.path.join(HERE, "data", "reference.json")
-    """random and expert returns per task, for 0-100 normalised scores"""
-    total_steps: int = 1_000_000
-    """gradient steps (each draws a batch for every task)"""
-    batch_size: int = 256
-    """transitions per task per gradient step"""
-    gamma: float = 0.99
-    """discount"""
-    tau: float = 5e-3
-    """Polyak rate of the target critics"""
-    policy_lr: float = 3e-4
-    """actor Adam learning rate (seed 003; BRAC's run_primal.sh: 3e-4 too)"""
-    q_lr: float = 3e-4
-    """critic Adam learning rate (as the CQL scripts; BRAC's code used 1e-3)"""
-    hidden_dim: int = 256
-    """width of every hidden layer"""
-    n_hidden: int = 3
-    """hidden layers of actor, behaviour model and critics (seed 003: 3x256)"""
-    behavior_lr: float = 5e-4
-    """behaviour model Adam learning rate (BRAC's behaviour cloning: 5e-4)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the run goes to runs/<exp_name>__<mixture>__<seed>
+    seed: int = 1  # seed of torch, numpy, random and the evaluation environments
+    torch_deterministic: bool = True  # deterministic torch algorithms (the same seed on CPU gives the same losses)
+    device: str = "auto"  # `auto` (CUDA when present), `cpu` or `cuda`
+    mixture: str = "imbalanced"  # shipped datasets: `imbalanced` (the CDS paper's) or `all-medium` (data/README.md)
+    tasks: tuple[str, ...] = ("run_forward", "run_backward", "jump")  # tasks to train and evaluate, in one-hot order
+    datasets: tuple[str, ...] = ()  # your own .npz files, one per task in the order of --tasks (default: the mixture's)
+    total_steps: int = 1_000_000  # gradient steps, each on a batch of every task (CDS paper: 1M)
+    batch_size: int = 256  # transitions per task per gradient step (CDS paper: 256)
+    gamma: float = 0.99  # discount
+    tau: float = 5e-3  # Polyak rate of the target critics
+    policy_lr: float = 3e-4  # actor learning rate (HCSAC slides; BRAC's code: 3e-4 too)
+    q_lr: float = 3e-4  # critic learning rate (as the CQL scripts; BRAC's code: 1e-3)
+    hidden_dim: int = 256  # width of every hidden layer
+    n_hidden: int = 3  # hidden layers of actor, behaviour model and critics (HCSAC slides: 3x256)
+    behavior_lr: float = 5e-4  # behaviour model learning rate (BRAC's code, its behaviour cloning: 5e-4)
     alpha: float = 1.0
-    """weight of the divergence D = KL(pi || pi_beta). BRAC's README and run_primal.sh used 0.1 for KL with a
-    value penalty; on our data 0.1 let D_KL grow to 7-15 nats on the running tasks and their returns decay in
-    every --share mode, while 1.0 kept D_KL near 1-2 nats (close to the paper's no-sharing values) and the
-    running tasks near their best (a sweep of 0.1 / 0.3 / 1.0, see the README); at 3.0 the penalty outweighed the
-    reward (Q of the data about -30) and the critic collapsed after 7k steps. With --target-kl: every task's
-    starting alpha"""
+    """weight of the divergence D = KL(pi || pi_beta); with --target-kl, every task's starting alpha. BRAC's code: 0.1,
+    which let D_KL grow to 7-15 nats here; 3.0 collapsed the critic (benchmark/README.md, Sweep: BRAC's alpha)"""
     target_kl: float | None = None
-    """with a value, each task's alpha is learned by dual gradient descent so that its D_KL tends to this many
-    nats, starting from --alpha (BRAC's code: train_alpha with target_divergence, off by default, as here). With
-    the value penalty it is unstable on our data: the critic learns Q of r - alpha D, so its pull on the actor
-    grows with alpha, and alpha ran away (to 60-80 in 22k steps). With --policy-penalty-only, 1.5 held D_KL near
-    1.5 nats on the no-sharing seed that over-estimated at a fixed alpha (see the README)"""
-    alpha_lr: float = 1e-3
-    """Adam learning rate of log alpha with --target-kl (BRAC's run_primal.sh: 1e-3 for its alpha)"""
-    kl_samples: int = 4
-    """actions sampled from pi per state to estimate the KL (BRAC's n_div_samples: 4)"""
-    behavior_warmup_steps: int = 300_000
-    """steps fitting only pi_beta before the actor-critic starts (BRAC cloned its behaviour model for 300k
-    steps before training); not counted in --total-steps"""
-    actor_warmup_steps: int = 20_000
-    """first actor-critic steps in which the actor minimises alpha * D alone, without -Q, so that pi starts
-    at pi_beta (BRAC's warm_start: 20k)"""
-    policy_penalty_only: bool = False
-    """BRAC-p: the penalty only in the actor loss, not in the critic's target (CDS then routes by the
-    unpenalised Q)"""
-    eval_freq: int = 10_000
-    """gradient steps between evaluations (and one at the end)"""
-    eval_episodes: int = 10
-    """episodes per task per evaluation, with the mean action"""
-    log_freq: int = 1_000
-    """gradient steps between TensorBoard scalars and progress lines"""
-    checkpoint_freq: int = 10_000
-    """gradient steps between checkpoints (one is also written at the end and on Ctrl-C)"""
-    resume: bool = False
-    """continue runs/<run_name> from its checkpoint"""
-    bf16: bool = False
-    """bfloat16 autocast for the network passes (a fast path; off until measured safe)"""
-    compile: bool = False
-    """torch.compile the loss computation (a fast path)"""
-    share: str = "cds"
-    """which data task i trains on: `none` (D_i), `all` (the union, relabelled) or `cds`; the run directory
-    is named after --exp-name, so give the baselines their own (e.g. --exp-name brac_mt_noshare)"""
+    """learn each task's alpha by dual gradient descent toward this D_KL, in nats (BRAC's code: train_alpha, off); alpha
+    ran away with the value penalty, BRAC-p held 1.5 (benchmark/README.md, Why BRAC over-estimates, and what held it)"""
+    alpha_lr: float = 1e-3  # learning rate of log alpha with --target-kl (BRAC's code: 1e-3)
+    kl_samples: int = 4  # actions sampled from pi per state to estimate the KL (BRAC's code: 4)
+    behavior_warmup_steps: int = 300_000  # steps fitting pi_beta alone first, not in --total-steps (BRAC's code: 300k)
+    actor_warmup_steps: int = 20_000  # first steps: the actor minimises alpha D alone, without -Q (BRAC's code: 20k)
+    policy_penalty_only: bool = False  # BRAC-p: the penalty in the actor's loss only, not in the target (BRAC paper)
+    eval_freq: int = 10_000  # gradient steps between evaluations (one is also run at the end)
+    eval_episodes: int = 10  # episodes per task per evaluation, with the mean action
+    log_freq: int = 1_000  # gradient steps between TensorBoard scalars (progress lines follow wall time)
+    checkpoint_freq: int = 10_000  # gradient steps between checkpoints (also written at the end and on Ctrl-C)
+    resume: bool = False  # continue runs/<run_name> from its checkpoint (to a larger --total-steps too)
+    bf16: bool = False  # bfloat16 autocast of the network passes (about 1.4x on CPU; benchmark/README.md, Speed)
+    compile: bool = False  # torch.compile the losses (slower for BRAC on CPU; benchmark/README.md, Speed)
+    share: str = "cds"  # data task i trains on: `cds`, `none` (D_i) or `all` (every D_j); give each its own --exp-name
     cds_percentile: float = 90.0
-    """k: a candidate is routed when its Q-hat reaches the top-k percentile of the task's own batch (the value
-    k% of the own batch's Q-hat exceed: 90 = its 10th percentile). The paper's k is not in our sources; a
-    sweep on the imbalanced mixture chose 90 over 50: at 50 almost nothing was routed (other tasks' data
-    really is worth less to each task), at 90 jump's expert data reaches the running tasks while <1% of the
-    running data reaches jump (see the README)"""
-    cds_basic: bool = False
-    """CDS (basic): threshold at the mean Q-hat of the task's own batch instead of a percentile"""
-    cds_candidates: int = 256
-    """candidate transitions from the other tasks drawn per task per gradient step"""
+    """k: route a candidate whose Q-hat reaches the top-k percentile of the task's own batch (90: its 10th percentile).
+    The CDS paper gives no k; 90 won a sweep of 50 and 90 (benchmark/README.md, Sweep: the CDS percentile k)"""
+    cds_basic: bool = False  # CDS (basic): threshold at the mean Q-hat of the own batch (CDS paper's basic variant)
+    cds_candidates: int = 256  # candidates drawn from the other tasks per task per step (as many as the own batch)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tasks: MT-Walker2d. Rewards and terminals are computed from stored transition fields, so any
-# transition can be relabelled exactly to any task.
-# ---------------------------------------------------------------------------------------------
+LIMITS = {  # the interval of every numeric flag, checked before anything is created
+    "seed": "[0, 4294967295]", "total_steps": "[1, inf)", "batch_size": "[1, inf)", "gamma": "[0, 1)", "tau": "(0, 1]",
+    "policy_lr": "(0, inf)", "q_lr": "(0, inf)", "hidden_dim": "[1, inf)", "n_hidden": "[1, inf)",
+    "behavior_lr": "(0, inf)", "alpha": "[0, inf)", "target_kl": "(0, inf)", "alpha_lr": "(0, inf)",
+    "kl_samples": "[1, inf)", "behavior_warmup_steps": "[0, inf)", "actor_warmup_steps": "[0, inf)",
+    "eval_freq": "[1, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)", "checkpoint_freq": "[1, inf)",
+    "cds_percentile": "[0, 100]", "cds_candidates": "[1, inf)",
+}  # fmt: skip
+
+
+# ---- Tasks: MT-Walker2d. Rewards and terminals follow from stored fields, so any transition relabels to any task.
 TASKS = ("run_forward", "run_backward", "jump")
 INIT_HEIGHT = 1.25  # h0: Walker2d's initial torso height
 OBS_DIM, ACT_DIM = 17, 6
@@ -175,137 +131,21 @@ def make_env(task):
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: the shipped mixtures, a loader that refuses bad files, and relabelling to every task.
-# ---------------------------------------------------------------------------------------------
-MIXTURES = {
-    "imbalanced": {"run_forward": "run_forward_medium_replay", "run_backward": "run_backward_medium", "jump": "jump_expert"},
-    "all-medium": {"run_forward": "run_forward_medium", "run_backward": "run_backward_medium", "jump": "jump_medium"},
-}
-DATASET_KEYS = {  # key: (trailing shape, kind)
-    "observations": ((OBS_DIM,), "f"), "actions": ((ACT_DIM,), "f"), "next_observations": ((OBS_DIM,), "f"),
-    "rewards": ((), "f"), "terminals": ((), "b"), "timeouts": ((), "b"), "x_velocity": ((), "f"),
-}
-
-
-class DatasetError(ValueError):
-    """A dataset file that cannot be used; its message is one line for the user."""
-
-
-def load_dataset(path):
-    """Read one task's .npz (format in data/README.md) and check every field; returns (task, dict)."""
-    if not os.path.isfile(path):
-        raise DatasetError(f"dataset file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            raw = {key: npz[key] for key in npz.files}
-    except Exception as e:
-        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-    missing = [key for key in (*DATASET_KEYS, "task") if key not in raw]
-    if missing:
-        raise DatasetError(f"{path}: missing keys {', '.join(missing)}")
-    task = str(raw["task"])
-    if task not in TASKS:
-        raise DatasetError(f"{path}: unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if raw["observations"].ndim != 2:
-        raise DatasetError(f"{path}: observations has shape {raw['observations'].shape}, expected (N, {OBS_DIM})")
-    n = len(raw["observations"])
-    if raw["observations"].shape[1] != OBS_DIM:
-        raise DatasetError(f"{path}: observations have {raw['observations'].shape[1]} features, "
-                           f"but Walker2d-v5 observations have {OBS_DIM}")
-    data = {}
-    for key, (shape, kind) in DATASET_KEYS.items():
-        value = raw[key]
-        if value.shape != (n, *shape):
-            raise DatasetError(f"{path}: {key} has shape {value.shape}, expected {(n, *shape)}")
-        if kind == "f":
-            if value.dtype.kind not in "fiu":
-                raise DatasetError(f"{path}: {key} has dtype {value.dtype}, expected floats")
-            if not np.isfinite(value).all():
-                raise DatasetError(f"{path}: {key} contains NaN or inf")
-            value = value.astype(np.float32)
-        elif value.dtype.kind not in "biu":
-            raise DatasetError(f"{path}: {key} has dtype {value.dtype}, expected booleans")
-        data[key] = value.astype(bool) if kind == "b" else value
-    if n == 0:
-        raise DatasetError(f"{path}: the dataset is empty")
-    if np.abs(data["actions"]).max() > 1.0 + 1e-6:
-        raise DatasetError(f"{path}: actions outside [-1, 1], the Walker2d action space")
-    return task, data
-
-
-def relabel(data, tasks):
-    """Rewards and terminals of every transition under every task: (N, len(tasks)) arrays."""
-    rewards = np.stack([task_rewards(t, data["actions"], data["next_observations"], data["x_velocity"]) for t in tasks], 1)
-    terminals = np.stack([task_terminals(t, data["next_observations"]) for t in tasks], 1)
-    return rewards.astype(np.float32), terminals
-
-
-def load_mixture(args):
-    """Load one dataset per task into one buffer: transitions of all tasks, relabelled to all tasks."""
-    for task in args.tasks:
-        if task not in TASKS:
-            raise DatasetError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if len(set(args.tasks)) != len(args.tasks):
-        raise DatasetError(f"each task may appear once in --tasks, got {' '.join(args.tasks)}")
-    if args.datasets:
-        if len(args.datasets) != len(args.tasks):
-            raise DatasetError(f"--datasets needs one file per task ({len(args.tasks)}), got {len(args.datasets)}")
-        paths = list(args.datasets)
-    else:
-        if args.mixture not in MIXTURES:
-            raise DatasetError(f"unknown mixture {args.mixture!r}; choose from {', '.join(MIXTURES)}")
-        paths = [os.path.join(HERE, "data", MIXTURES[args.mixture][task] + ".npz") for task in args.tasks]
-    parts = []
-    for task, path in zip(args.tasks, paths):
-        source_task, data = load_dataset(path)
-        if source_task != task:
-            raise DatasetError(f"{path} holds {source_task} data but was given for task {task}")
-        parts.append(data)
-    buffer = {key: np.concatenate([p[key] for p in parts]) for key in DATASET_KEYS}
-    buffer["rewards_all"], buffer["terminals_all"] = relabel(buffer, args.tasks)
-    buffer["source"] = np.concatenate([np.full(len(p["rewards"]), i) for i, p in enumerate(parts)])
-    buffer["sizes"] = np.array([len(p["rewards"]) for p in parts])
-    return buffer, paths
-
-
-def load_reference(path, tasks):
-    """Random and expert returns of each task (for normalised scores); None if absent."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            ref = json.load(f)["tasks"]
-        return {t: (float(ref[t]["random_return"]), float(ref[t]["expert_return"])) for t in tasks if t in ref}
-    except (ValueError, KeyError, TypeError) as e:
-        raise DatasetError(f"{path}: not a reference file of per-task random and expert returns ({type(e).__name__})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks: a tanh-Gaussian actor, twin critics and a tanh-Gaussian behaviour model, all fed
-# [normalised obs, task one-hot].
-# ---------------------------------------------------------------------------------------------
+# ---- Networks: a tanh-Gaussian actor and behaviour model, and twin critics, fed [normalised obs, task one-hot].
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
-def task_features(task_ids, n_tasks):
-    return F.one_hot(task_ids, n_tasks).float()
 
 
 class Actor(nn.Module):
     def __init__(self, n_tasks, hidden_dim=256, n_hidden=3):
         super().__init__()
         self.n_tasks = n_tasks
-        layers, width = [], OBS_DIM + n_tasks
-        for _ in range(n_hidden):
-            layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-            width = hidden_dim
-        self.trunk = nn.Sequential(*layers)
+        widths = [OBS_DIM + n_tasks] + [hidden_dim] * n_hidden
+        self.trunk = nn.Sequential(*[m for i, o in zip(widths[:-1], widths[1:]) for m in (nn.Linear(i, o), nn.ReLU())])
         self.head = nn.Linear(hidden_dim, 2 * ACT_DIM)
 
     def forward(self, obs, task_ids):
         """Mean and log-std of the pre-tanh Gaussian."""
-        out = self.head(self.trunk(torch.cat([obs, task_features(task_ids, self.n_tasks)], -1))).float()
+        out = self.head(self.trunk(torch.cat([obs, F.one_hot(task_ids, self.n_tasks).float()], -1))).float()
         mean, log_std = out.chunk(2, -1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -331,8 +171,7 @@ class TwinCritic(nn.Module):
         super().__init__()
         self.n_tasks = n_tasks
         widths = [OBS_DIM + n_tasks + ACT_DIM] + [hidden_dim] * n_hidden + [1]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
             self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)))
@@ -340,7 +179,7 @@ class TwinCritic(nn.Module):
 
     def forward(self, obs, task_ids, actions, detach_params=False):
         """Q1, Q2 of shape (2, *batch). detach_params: gradients reach the actions, not the critic."""
-        x = torch.cat([obs, task_features(task_ids, self.n_tasks), actions], -1)
+        x = torch.cat([obs, F.one_hot(task_ids, self.n_tasks).float(), actions], -1)
         batch_shape = x.shape[:-1]
         x = x.reshape(1, -1, x.shape[-1]).expand(2, -1, -1)
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
@@ -352,32 +191,28 @@ class TwinCritic(nn.Module):
         return x.float().reshape(2, *batch_shape)
 
 
-ACTION_EPS = 1e-3  # dataset actions are clipped to [-1 + eps, 1 - eps] before atanh (BRAC's CLIP_EPS)
-
-
 def gaussian_log_prob(u, mean, log_std):
     """log N(u; mean, exp(log_std)^2), summed over the action dimensions."""
     return (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+ACTION_EPS = 1e-3  # dataset actions are clipped to [-1 + eps, 1 - eps] before atanh (BRAC's code: CLIP_EPS)
+
+
 class BehaviorModel(Actor):
-    """pi_beta(a|s,i): a tanh-Gaussian with the actor's architecture (BRAC's code used one network class
-    for its policy and its behaviour model), fitted by plain maximum likelihood. BRAC's cloning added a
-    learned entropy bonus; here the log-std floor LOG_STD_MIN alone keeps pi_beta from collapsing."""
+    """pi_beta(a|s,i): a tanh-Gaussian like the actor (as in BRAC's code), fitted by plain maximum likelihood. BRAC's
+    cloning added a learned entropy bonus; here the log-std floor LOG_STD_MIN alone keeps pi_beta from collapsing."""
 
     def log_prob(self, obs, task_ids, actions):
-        """log pi_beta(a|s,i) of given actions. Dataset actions can be exactly +-1, where atanh is
-        infinite: they are clipped to [-1 + ACTION_EPS, 1 - ACTION_EPS] first, as BRAC's cloning did."""
+        """log pi_beta(a|s,i) of given actions. Dataset actions can be exactly +-1, where atanh is infinite: they are
+        clipped to [-1 + ACTION_EPS, 1 - ACTION_EPS] first, as BRAC's cloning did."""
         mean, log_std = self(obs, task_ids)
         a = actions.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
         # log pi_beta(a) = log N(atanh(a)) - sum log(1 - a^2)
         return gaussian_log_prob(torch.atanh(a), mean, log_std) - torch.log1p(-a * a).sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# BRAC-v: behaviour-regularised actor-critic with a value penalty, all tasks and all sampled actions
-# in one pass.
-# ---------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: BRAC-v, behaviour-regularised actor-critic with a value penalty, all tasks and actions in one pass.
 def per_task_mean(x, weights):
     """Mean over each task's batch (weights mark the transitions each task trains on), then over tasks."""
     return ((x * weights).sum(-1) / weights.sum(-1).clamp_min(1e-8)).mean()
@@ -389,13 +224,9 @@ def task_means(x, weights):
 
 
 def kl_estimate(actor, behavior, obs, task_ids, n):
-    """D(s) = KL(pi(.|s,i) || pi_beta(.|s,i)) from n reparameterised samples a = tanh(u) ~ pi.
-
-    pi and pi_beta are tanh-Gaussians through the same tanh, whose Jacobian cancels in
-    log pi(a) - log pi_beta(a): the estimate compares the two Gaussians at u, exact even where tanh(u)
-    rounds to +-1 (BRAC's code clipped a by 1e-3 instead). No gradient reaches pi_beta.
-    Returns D (*batch), the samples u (n, *batch, A) and their log pi(tanh(u)) (n, *batch).
-    """
+    """D(s) = KL(pi(.|s,i) || pi_beta(.|s,i)) from n reparameterised samples a = tanh(u) ~ pi; no gradient reaches
+    pi_beta. The shared tanh's Jacobian cancels in log pi(a) - log pi_beta(a), so D compares the Gaussians at u, exact
+    even where tanh(u) rounds to +-1 (BRAC's code clipped a). Returns D, u (n, *batch, A) and log pi(tanh(u))."""
     mean, log_std = actor(obs, task_ids)
     with torch.no_grad():
         behavior_mean, behavior_log_std = behavior(obs, task_ids)
@@ -409,23 +240,19 @@ def kl_estimate(actor, behavior, obs, task_ids, n):
 
 
 def brac_losses(actor, critic, critic_target, behavior, batch, args, alpha, q_weight=1.0):
-    """Actor, critic and behaviour-model losses of one gradient step.
-
-    batch: tensors shaped (n_tasks, M, ...): obs, actions, rewards, terminals, next_obs, task_ids,
-    and weights (1 where task i trains on the transition). alpha: (n_tasks,) divergence weights, no
-    gradient (--alpha, or learned with --target-kl). q_weight: 0 during the actor's warm-up.
-    No SAC entropy term, as in BRAC's primal agent (alpha_entropy = 0 by default and in its scripts):
-    alpha D = alpha E[log pi - log pi_beta] already rewards pi's entropy. Returns (losses, stats,
-    per-task stats).
-    """
-    obs, actions, next_obs, task_ids, weights = batch["obs"], batch["actions"], batch["next_obs"], batch["task_ids"], batch["weights"]
+    """Actor, critic and behaviour-model losses of one gradient step. batch: gather's tensors (n_tasks, M, ...), weights
+    1 where task i trains on the transition; alpha: (n_tasks,) divergence weights, no gradient; q_weight: 0 in the
+    actor's warm-up. No SAC entropy term, as in BRAC's code: alpha D = alpha E[log pi - log pi_beta] already rewards
+    pi's entropy. Returns (losses, stats, per-task stats)."""
+    obs, actions, next_obs, task_ids, weights = map(batch.get, ("obs", "actions", "next_obs", "task_ids", "weights"))
+    m = obs.shape[1]
     with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         # one actor pass for s and s': n actions from pi(.|s) and from pi(.|s'), D(s) and D(s')
         both_obs, both_ids = torch.cat([obs, next_obs], 1), torch.cat([task_ids, task_ids], 1)
         kl_both, u, log_pi = kl_estimate(actor, behavior, both_obs, both_ids, args.kl_samples)  # (T, 2M), (n, T, 2M, A)
-        m = obs.shape[1]
         kl, next_kl = kl_both[:, :m], kl_both[:, m:].detach()  # D(s) with gradient, D(s')
-        new_actions, next_actions = torch.tanh(u[0, :, :m]), torch.tanh(u[0, :, m:]).detach()  # a ~ pi(.|s), a' ~ pi(.|s')
+        new_actions = torch.tanh(u[0, :, :m])  # a ~ pi(.|s), with gradient
+        next_actions = torch.tanh(u[0, :, m:]).detach()  # a' ~ pi(.|s')
         alpha = alpha[task_ids]  # (T, M): the weight of the task each row trains
 
         # actor: min_pi E[alpha D(s) - min_k Q_k(s, a)]  (BRAC-v and BRAC-p alike)
@@ -446,19 +273,18 @@ def brac_losses(actor, critic, critic_target, behavior, batch, args, alpha, q_we
     critic_loss = per_task_mean(((q_data - target) ** 2).sum(0), weights)  # both critics
     behavior_loss = -per_task_mean(behavior_log_prob, weights)
     losses = {"critic": critic_loss, "actor": actor_loss, "behavior": behavior_loss}
-    stats = {"q_data": per_task_mean(q_data.mean(0), weights).detach(), "kl": per_task_mean(kl, weights).detach(),
-             "entropy": -per_task_mean(log_pi[0, :, :m], weights).detach(), "behavior_log_likelihood": -behavior_loss.detach()}
-    per_task = {"kl": task_means(kl, weights).detach(), "q_data": task_means(q_data.mean(0), weights).detach(),
-                "behavior_log_likelihood": task_means(behavior_log_prob, weights).detach()}
-    return losses, stats, per_task
+    stats = {"q_data": per_task_mean(q_data.mean(0), weights), "kl": per_task_mean(kl, weights),
+             "entropy": -per_task_mean(log_pi[0, :, :m], weights),
+             "behavior_log_likelihood": -behavior_loss}  # fmt: skip
+    per_task = {"kl": task_means(kl, weights), "q_data": task_means(q_data.mean(0), weights),
+                "behavior_log_likelihood": task_means(behavior_log_prob, weights)}  # fmt: skip
+    return losses, {k: v.detach() for k, v in stats.items()}, {k: v.detach() for k, v in per_task.items()}
 
 
 def alpha_loss(log_alpha, task_kl, target_kl):
-    """--target-kl: dual gradient descent on alpha, as BRAC's train_alpha (loss -alpha (D - target)): each task's
-    alpha grows while its D_KL is above the target and shrinks below it. Here on log alpha, so that alpha stays
-    positive (BRAC's code clipped alpha to [0, 500]); BRAC's code also trained alpha during the actor's warm-up,
-    where pi only moves toward pi_beta and alpha could only shrink; here it is learned once the actor sees Q.
-    log_alpha: (n_tasks,) with gradient; task_kl: (n_tasks,) D_KL of each task's batch, no gradient."""
+    """--target-kl: dual gradient descent on alpha, as BRAC's train_alpha (loss -alpha (D - target)): each task's alpha
+    grows while its D_KL is above the target and shrinks below it. On log alpha, so that alpha stays positive (BRAC's
+    code clipped alpha to [0, 500]). log_alpha: (n_tasks,) with gradient; task_kl: (n_tasks,) each task's D_KL."""
     return -(log_alpha * (task_kl - target_kl)).sum()
 
 
@@ -469,7 +295,7 @@ def gather(buf, indices, weights):
         "obs": buf["obs"][indices], "actions": buf["actions"][indices], "next_obs": buf["next_obs"][indices],
         "rewards": buf["rewards_all"][indices, task_ids], "terminals": buf["terminals_all"][indices, task_ids],
         "task_ids": task_ids, "weights": weights,
-    }
+    }  # fmt: skip
 
 
 def sample_own(starts, sizes, batch_size):
@@ -485,12 +311,8 @@ def sample_others(starts, sizes, batch_size):
     return indices + sizes[:, None] * (indices >= starts[:, None])  # ... shifted past D_i
 
 
-# ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: the sharing rule. CDS: route a transition of task j to task i when its conservative
-# Q-value under task i is high compared with task i's own data. BRAC's critic is conservative through
-# its value penalty: it learns Q of r-hat = r - alpha D(pi, pi_beta) (seed 000). --share none / all:
-# the baselines, as in cql_mt_noshare.py and cql_mt_shareall.py.
-# ---------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: the sharing rule. CDS: route a transition of task j to task i when its conservative Q-value under
+# ---- task i is high compared with task i's own data; BRAC's Q is conservative through its value penalty.
 @torch.no_grad()
 def conservative_q(critic, buf, indices):
     """Q-hat(s, a, i) = min_k Q_k(s, a, i), no gradient; row i of `indices` is scored under task i."""
@@ -499,22 +321,24 @@ def conservative_q(critic, buf, indices):
 
 
 def cds_route(q_own, q_candidates, percentile, basic=False):
-    """CDS weights w = 1[Q-hat(s, a, i) - threshold_i >= 0], threshold_i over task i's own batch.
-
-    threshold_i: the top-`percentile` percentile of Q-hat over D_i (the value that k% of it exceeds),
-    or with `basic` the mean, E_{D_i}[Q-hat] (CDS basic). Shapes (n_tasks, M) -> bool (n_tasks, M').
-    """
-    if basic:
-        threshold = q_own.mean(1)
-    else:
-        threshold = torch.quantile(q_own, 1.0 - percentile / 100.0, dim=1)
+    """CDS weights w = 1[Q-hat(s, a, i) - threshold_i >= 0], threshold_i over task i's own batch: the top-k
+    percentile of its Q-hat (the value k% of it exceeds), or with `basic` its mean. (T, M) -> bool (T, M')."""
+    threshold = q_own.mean(1) if basic else torch.quantile(q_own, 1.0 - percentile / 100.0, dim=1)
     return q_candidates >= threshold[:, None]
 
 
-def sharing_fractions(source, tasks):
-    """{'sharing/<src>_to_<dst>': fraction of dst's batch that came from src's dataset}."""
-    return {f"sharing/{src}_to_{dst}": (source[i] == j).float().mean()
-            for i, dst in enumerate(tasks) for j, src in enumerate(tasks) if i != j}
+def drop_unrouted(candidates, routed):
+    """Fewer weight-zero rows to compute: each row keeps its routed candidates first, and the columns past the
+    largest routed count (unrouted for every task) are dropped."""
+    order = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)
+    keep = order[:, : int(routed.sum(1).max())]
+    return candidates.gather(1, keep), routed.gather(1, keep)
+
+
+def batch_sources(source, weights, tasks):
+    """{'batch/<dst>/from_<src>': the share of dst's batch, by training weight, drawn from src's dataset}."""
+    share = (weights[..., None] * F.one_hot(source, len(tasks))).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-8)
+    return {f"batch/{d}/from_{s}": share[i, j] for i, d in enumerate(tasks) for j, s in enumerate(tasks) if i != j}
 
 
 def sample_none(buf, starts, sizes, args):
@@ -525,50 +349,35 @@ def sample_none(buf, starts, sizes, args):
 
 def sample_all(buf, starts, sizes, args):
     """Share all: each task's batch is uniform over all transitions. Returns (batch, sharing stats)."""
-    u = torch.rand(len(sizes), args.batch_size, dtype=torch.float64, device=sizes.device)
-    indices = (u * sizes.sum()).long()  # uniform over the union of all D_j
-    batch = gather(buf, indices, torch.ones(indices.shape, device=indices.device))
-    return batch, sharing_fractions(buf["source"][indices], args.tasks)
-
-
-def drop_unrouted(candidates, routed):
-    """Fewer weight-zero rows to compute: each row keeps its routed candidates first, and the columns
-    past the largest routed count (unrouted for every task) are dropped."""
-    order = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)
-    keep = order[:, : int(routed.sum(1).max())]
-    return candidates.gather(1, keep), routed.gather(1, keep)
+    indices = (torch.rand(len(sizes), args.batch_size, dtype=torch.float64, device=sizes.device) * sizes.sum()).long()
+    weights = torch.ones(indices.shape, device=indices.device)
+    return gather(buf, indices, weights), batch_sources(buf["source"][indices], weights, args.tasks)
 
 
 def sample_batch(buf, starts, sizes, critic, args):
-    """CDS: each task's own batch plus the candidates CDS routes to it (or a baseline's batch, with
-    --share none or all). Returns (batch, sharing stats)."""
-    if args.share == "none":
-        return sample_none(buf, starts, sizes, args)
-    if args.share == "all":
-        return sample_all(buf, starts, sizes, args)
+    """CDS: the own batch and the candidates routed to it (--share none, all: the baselines). Returns (batch, stats)."""
+    if args.share != "cds":
+        return (sample_none if args.share == "none" else sample_all)(buf, starts, sizes, args)
     own = sample_own(starts, sizes, args.batch_size)
     candidates = sample_others(starts, sizes, args.cds_candidates)
     q_own, q_candidates = conservative_q(critic, buf, own), conservative_q(critic, buf, candidates)
     routed = cds_route(q_own, q_candidates, args.cds_percentile, args.cds_basic)
-    source = buf["source"][candidates]
-    stats = {}
+    source, stats = buf["source"][candidates], {}
     for i, dst in enumerate(args.tasks):
         for j, src in enumerate(args.tasks):
             if i != j:  # the paper's "CDS weight": the fraction of src's candidates routed to dst
-                from_src = (source[i] == j).float()
-                stats[f"sharing/{src}_to_{dst}"] = (routed[i] * from_src).sum() / from_src.sum().clamp_min(1)
+                is_src = (source[i] == j).float()
+                stats[f"cds/{src}_to_{dst}/routed_fraction"] = (routed[i] * is_src).sum() / is_src.sum().clamp_min(1)
         stats[f"cds/{dst}/q_own"] = q_own[i].mean()
         stats[f"cds/{dst}/q_routed"] = (q_candidates[i] * routed[i]).sum() / routed[i].sum()  # NaN: none routed
         stats[f"cds/{dst}/routed_fraction"] = routed[i].float().mean()
     kept, kept_routed = drop_unrouted(candidates, routed)  # same losses, fewer rows to compute
     indices = torch.cat([own, kept], 1)
     weights = torch.cat([torch.ones(own.shape, device=own.device), kept_routed.float()], 1)
-    return gather(buf, indices, weights), stats
+    return gather(buf, indices, weights), stats | batch_sources(buf["source"][indices], weights, args.tasks)
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: every task's episodes stepped together, one actor pass per step for all of them.
-# ---------------------------------------------------------------------------------------------
+# ---- Evaluation: every task's episodes stepped together, one actor pass per step for all of them.
 def evaluate(actor, tasks, episodes, obs_mean, obs_std, seed, device):
     """Mean-action returns: {task: array of `episodes` returns}."""
     envs = [(i, make_env(task)) for i, task in enumerate(tasks) for _ in range(episodes)]
@@ -586,327 +395,425 @@ def evaluate(actor, tasks, episodes, obs_mean, obs_std, seed, device):
             done[k] = terminated or truncated
     for _, env in envs:
         env.close()
-    return {task: returns[i * episodes:(i + 1) * episodes] for i, task in enumerate(tasks)}
+    return {task: returns[i * episodes : (i + 1) * episodes] for i, task in enumerate(tasks)}
 
 
-def normalized_score(task, ret, reference):
-    """D4RL-style 0-100 score: 0 = random policy, 100 = the expert behaviour policy."""
-    if reference is None or task not in reference:
-        return float("nan")
-    random_return, expert_return = reference[task]
-    return 100.0 * (ret - random_return) / (expert_return - random_return)
+def warn_over_estimation(run, q_data, ceilings, warnings):
+    """Once per task: the critic rates the task's data above any value its targets can build; BRAC's value penalty
+    does not stop it extrapolating upward at actions the data lacks (benchmark/README.md, BRAC no sharing over-estimated
+    on one seed in four). The run goes on; the checkpoint written before this step is copied aside."""
+    for task, q, ceiling in zip(run.args.tasks, q_data.tolist(), ceilings):
+        if q <= ceiling or any(w["task"] == task for w in warnings):
+            continue
+        kept = run.ckpt_path.replace(".pt", f"_before_{task}_overestimated.pt")
+        if os.path.exists(run.ckpt_path):
+            shutil.copyfile(run.ckpt_path, kept)
+        message = (
+            f"step {run.step}: the critic rates {task}'s data at Q {q:.0f}, above any value its targets can build from "
+            f"the data's rewards (max r / (1 - gamma) = {ceiling:.0f}): it over-estimates, and the returns that follow "
+            f"are not to be trusted; the last checkpoint before this is kept in {kept}"
+        )
+        print(f"warning: {message}", flush=True)
+        warnings.append({"step": run.step, "task": task, "message": message})
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, so an interruption never leaves a broken file.
-# ---------------------------------------------------------------------------------------------
-def save_checkpoint(path, state):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def fit_behavior_model(run, behavior, behavior_optim, buf, starts, sizes, warmup, args):
+    """BRAC's warm-up: pi_beta alone for --behavior-warmup-steps, before the actor-critic starts, on the union with
+    --share all, else on D_i (CDS routes nothing before its critic learns). warmup["step"] counts its steps."""
+    sample, run.progress_step = sample_all if args.share == "all" else sample_none, warmup["step"]  # its updates/s
+    while warmup["step"] < args.behavior_warmup_steps:
+        batch, _ = sample(buf, starts, sizes, args)
+        with torch.autocast(buf["obs"].device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            # max_beta E_{(s, a) ~ D_i}[log pi_beta(a|s, i)]
+            log_prob = behavior.log_prob(batch["obs"], batch["task_ids"], batch["actions"])
+            log_likelihood = per_task_mean(log_prob, batch["weights"])
+        run.watch({"behavior_log_likelihood": log_likelihood})
+        behavior_optim.zero_grad(set_to_none=True)
+        (-log_likelihood).backward()
+        behavior_optim.step()
+        warmup["step"] += 1
+        step, done = warmup["step"], warmup["step"] == args.behavior_warmup_steps
+        if step % args.log_freq == 0 or step % args.checkpoint_freq == 0 or done:  # a NaN stops here, unsaved
+            run.check_finite("the behaviour model diverged (its log-likelihood is NaN or inf)")
+        if step % args.log_freq == 0 or done:
+            run.writer.add_scalar("warmup/behavior_log_likelihood", log_likelihood.item(), step)
+        if step % args.checkpoint_freq == 0 or done:
+            run.save()
+        describe = lambda: f"log-likelihood {log_likelihood.item():.2f}"
+        run.end_step(describe, step=step, total=args.behavior_warmup_steps, label="behaviour warm-up")
+    run.log_time = run.progress_time = time.time()  # the actor-critic's SPS, updates/s and first progress line
+    run.progress_step, run.next_progress = run.step, run.progress_time + FIRST_PROGRESS_S  # start afresh
 
 
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def describe_step(losses, stats, alpha, learned):
+    """The progress line's middle: critic loss, Q of the data, D_KL, and each task's alpha where it is learned."""
+    line = f"critic {losses['critic'].item():.2f} | Q(data) {stats['q_data'].item():.1f} | KL {stats['kl'].item():.2f}"
+    return line + (f" | alpha {' '.join(f'{a:.2f}' for a in alpha.tolist())}" if learned else "")
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def keep_freed_memory():
-    """CPU speed: keep freed memory in the process instead of handing it back to the OS.
-
-    glibc serves every allocation over 32 MB with a fresh mmap and unmaps it when freed, so each
-    gradient step page-faults its way through the critic's activations again (about 50 MB per layer
-    at the defaults): a third of a CQL step on CPU. Raising the two thresholds to 1 GiB lets freed
-    blocks be reused; it changes no result. No-op where the C library is not glibc.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            return
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GiB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap for reuse
-
-
-def warn_over_estimation(task, q, ceiling, step, ckpt_path, warnings):
-    """Once per task: the critic rates the task's data above any value its targets can build. BRAC's value
-    penalty does not stop its critic from extrapolating upward at actions the data lacks (the README's
-    no-sharing seed 2). The run goes on; the checkpoint written before this step is copied aside."""
-    kept = ckpt_path.replace(".pt", f"_before_{task}_overestimated.pt")
-    if os.path.exists(ckpt_path):
-        shutil.copyfile(ckpt_path, kept)
-    message = (f"step {step}: the critic rates {task}'s data at Q {q:.0f}, above any value its targets can build "
-               f"from the data's rewards (max r / (1 - gamma) = {ceiling:.0f}): it over-estimates, and the returns "
-               f"that follow are not to be trusted; the last checkpoint before this is kept in {kept}")
-    print(f"warning: {message}", flush=True)
-    warnings.append({"step": step, "task": task, "message": message})
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
+# ---- The training loop: fit pi_beta; then sample, losses, one step of every optimiser, targets, log, evaluate, save.
 def main(args: Args):
-    # TRY NOT TO MODIFY: setup, data, networks
-    keep_freed_memory()
-    for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "log_freq", "checkpoint_freq", "kl_samples"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("behavior_warmup_steps", "actor_warmup_steps"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be zero or positive, got {getattr(args, name)}")
-    if not args.alpha >= 0:
-        fail(f"--alpha must be zero or positive, got {args.alpha}")
-    if args.target_kl is not None and not (args.target_kl > 0 and args.alpha > 0 and args.alpha_lr > 0):
-        fail(f"--target-kl learns alpha from --alpha at --alpha-lr: all three must be positive, "
-             f"got {args.target_kl}, {args.alpha} and {args.alpha_lr}")
+    device, buf, run_info = setup(args, LIMITS)
     if args.share not in ("none", "all", "cds"):
         fail(f"--share must be none, all or cds, got {args.share!r}")
-    if args.device not in ("auto", "cpu", "cuda"):
-        fail(f"--device must be auto, cpu or cuda, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for, but no CUDA device is available")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    try:
-        data, paths = load_mixture(args)
-        reference = load_reference(args.reference, args.tasks)
-    except DatasetError as e:
-        fail(str(e))
-    run_name = f"{args.exp_name}__{args.mixture if not args.datasets else 'custom'}__{args.seed}"
-    run_dir = os.path.join("runs", run_name)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not args.resume:
-        fail(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --exp-name or --seed")
-    if args.resume and not os.path.exists(ckpt_path):
-        fail(f"--resume: no checkpoint at {ckpt_path}")
-    os.makedirs(run_dir, exist_ok=True)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-
-    # observation normalisation with the statistics of all the data (applied at evaluation too)
-    all_obs = np.concatenate([data["observations"], data["next_observations"]])
-    obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-3
-    buf = {
-        "obs": torch.tensor((data["observations"] - obs_mean) / obs_std, dtype=torch.float32, device=device),
-        "next_obs": torch.tensor((data["next_observations"] - obs_mean) / obs_std, dtype=torch.float32, device=device),
-        "actions": torch.tensor(data["actions"], device=device),
-        "rewards_all": torch.tensor(data["rewards_all"], device=device),
-        "terminals_all": torch.tensor(data["terminals_all"], dtype=torch.float32, device=device),
-        "source": torch.tensor(data["source"], device=device),
-    }
-    sizes = torch.tensor(data["sizes"], device=device)
-    starts = torch.cumsum(sizes, 0) - sizes
-    n_tasks = len(args.tasks)
-    # the critic's targets are built from the data's rewards only, so no fixed point exceeds max r / (1 - gamma):
-    # a critic that rates the data above it over-estimates
-    q_ceiling = (buf["rewards_all"].max(0).values / (1.0 - args.gamma)).tolist()
-    if n_tasks < 2 and args.share == "cds":
+    if args.target_kl is not None and args.alpha == 0:
+        fail("--target-kl learns log alpha, starting from --alpha: give it an --alpha above 0")
+    if len(args.tasks) < 2 and args.share == "cds":
         fail("CDS shares data between tasks: give it at least two --tasks (or --share none)")
-
+    n_tasks, sizes = len(args.tasks), buf["sizes"]
+    starts = torch.cumsum(sizes, 0) - sizes
+    # the targets are built from the data's rewards only, so no fixed point rates the data above max r / (1 - gamma)
+    q_ceilings = (buf["rewards_all"].max(0).values / (1.0 - args.gamma)).tolist()
     actor = Actor(n_tasks, args.hidden_dim, args.n_hidden).to(device)
     critic = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden).to(device)
     critic_target = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden).to(device)
     critic_target.load_state_dict(critic.state_dict())
     behavior = BehaviorModel(n_tasks, args.hidden_dim, args.n_hidden).to(device)
+    # alpha, one per task: --alpha, or learned toward --target-kl by dual gradient descent on log alpha
+    log_alpha = torch.tensor([args.alpha] * n_tasks, device=device).log().requires_grad_(args.target_kl is not None)
     actor_optim = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_optim = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
     behavior_optim = torch.optim.Adam(behavior.parameters(), lr=args.behavior_lr)
-    # alpha, one per task: --alpha, or learned toward --target-kl by dual gradient descent on log alpha
-    log_alpha = torch.full((n_tasks,), float(args.alpha), device=device).log().requires_grad_(args.target_kl is not None)
     alpha_optim = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
-    step, behavior_step, evals, wall_before, warnings = 0, 0, [], 0.0, []
-    if args.resume:
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        except Exception as e:  # a truncated or foreign file
-            fail(f"--resume: cannot read the checkpoint {ckpt_path} ({type(e).__name__}: {e})")
-        if ckpt["args"]["share"] != args.share:
-            fail(f"--resume: {run_dir} was trained with --share {ckpt['args']['share']}, not {args.share}")
-        for module, key in ((actor, "actor"), (critic, "critic"), (critic_target, "critic_target"), (behavior, "behavior"),
-                            (actor_optim, "actor_optim"), (critic_optim, "critic_optim"), (behavior_optim, "behavior_optim")):
-            module.load_state_dict(ckpt[key])
-        if args.target_kl is not None and ckpt["args"].get("target_kl") is not None:  # else alpha restarts at --alpha
-            with torch.no_grad():
-                log_alpha.copy_(ckpt["log_alpha"])
-            alpha_optim.load_state_dict(ckpt["alpha_optim"])
-        step, behavior_step, evals, wall_before = ckpt["step"], ckpt["behavior_step"], ckpt["evals"], ckpt["wall_time"]
-        warnings = ckpt.get("warnings", [])
-        set_rng_state(ckpt["rng"])
-        print(f"resumed {run_name} at step {step}")
+    optims, warmup, warnings = (actor_optim, critic_optim, behavior_optim, alpha_optim), {"step": 0}, []
+    run = Run(args, device, run_info, args.total_steps, state=dict(
+        actor=actor, critic=critic, critic_target=critic_target, behavior=behavior, actor_optim=actor_optim,
+        critic_optim=critic_optim, behavior_optim=behavior_optim, log_alpha=log_alpha, alpha_optim=alpha_optim,
+        warmup=warmup, warnings=warnings,
+    ), summary=("warnings",))  # fmt: skip
+    if run.saved_args and run.saved_args["share"] != args.share:  # a run goes on with the sharing rule it began with
+        fail(f"--resume: {run.dir} was trained with --share {run.saved_args['share']}, not {args.share}")
+    if run.saved_args and (args.target_kl is None or run.saved_args["target_kl"] is None):
+        with torch.no_grad():  # alpha goes on only where it was learned and still is; else it restarts at --alpha
+            log_alpha.copy_(torch.full_like(log_alpha, args.alpha).log())
+    fit_behavior_model(run, behavior, behavior_optim, buf, starts, sizes, warmup, args)
     loss_fn = torch.compile(brac_losses) if args.compile else brac_losses
 
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    print(f"{run_name}: {n_tasks} tasks, {len(data['rewards'])} transitions "
-          f"({', '.join(f'{t} {s}' for t, s in zip(args.tasks, data['sizes']))}), device {device}")
+    while run.step < args.total_steps:
+        batch, sharing = sample_batch(buf, starts, sizes, critic, args)
+        q_weight = float(run.step >= args.actor_warmup_steps)  # BRAC's warm start: the actor ignores Q at first
+        alpha = log_alpha.detach().exp()
+        losses, stats, per_task = loss_fn(actor, critic, critic_target, behavior, batch, args, alpha, q_weight)
+        if args.target_kl is not None and q_weight > 0:  # not in the actor's warm-up, where alpha could only shrink
+            losses["kl_alpha"] = alpha_loss(log_alpha, per_task["kl"], args.target_kl)
+        run.watch(losses)
+        # One backward for all the losses is correct because each reaches only its own parameters: the actor sees the
+        # critic through detach_params, and pi_beta under no_grad inside kl_estimate; the TD target is built under
+        # no_grad from detached next actions and D(s'); the behaviour model's loss reads only the data's actions;
+        # alpha's loss reads D_KL detached, and the other losses read alpha detached.
+        for optim in optims:
+            optim.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        for optim in optims:  # (alpha has no gradient, and so no step, without --target-kl or in the actor's warm-up)
+            optim.step()
+        with torch.no_grad():  # target critics: theta' <- (1 - tau) theta' + tau theta
+            for p, tp in zip(critic.parameters(), critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+        run.step += 1
 
-    def state():
-        return {"actor": actor.state_dict(), "critic": critic.state_dict(), "critic_target": critic_target.state_dict(),
-                "behavior": behavior.state_dict(), "log_alpha": log_alpha.detach().clone(), "alpha_optim": alpha_optim.state_dict(),
-                "actor_optim": actor_optim.state_dict(),
-                "critic_optim": critic_optim.state_dict(), "behavior_optim": behavior_optim.state_dict(),
-                "step": step, "behavior_step": behavior_step, "evals": evals, "warnings": warnings,
-                "wall_time": wall_before + time.time() - start_time, "rng": rng_state(), "args": asdict(args),
-                "obs_mean": obs_mean, "obs_std": obs_std, "tasks": args.tasks}
+        if run.due(args.log_freq):  # per task: D_KL, Q of its data, pi_beta's log-likelihood (the paper's table), alpha
+            per_task["alpha"] = alpha
+            brac = {f"brac/{t}/{k}": v[i] for k, v in per_task.items() for i, t in enumerate(args.tasks)}
+            run.log(losses, stats, brac, sharing)
+            warn_over_estimation(run, per_task["q_data"], q_ceilings, warnings)
+        if run.due(args.eval_freq):
+            run.evaluate(actor, per_task={"kl": per_task["kl"].tolist(), "alpha": alpha.tolist()})
+        if run.due(args.checkpoint_freq):
+            run.save()
+        run.end_step(lambda: describe_step(losses, stats, alpha, args.target_kl is not None))
+    run.finish()
 
-    def run_evaluation(kl, alpha):
-        returns = evaluate(actor, args.tasks, args.eval_episodes, obs_mean, obs_std, args.seed * 100_000, device)
-        result = {"step": step}
+
+# ==== PLUMBING, identical in every script and pinned by tests/test_parity.py: loading and validation, the run folder,
+# ==== checkpoints, RNG, Ctrl-C, memory, progress. Nothing below is the method. ========================================
+MIXTURES = {  # mixture: the shipped file of each task, data/<name>.npz
+    "imbalanced": dict(run_forward="run_forward_medium_replay", run_backward="run_backward_medium", jump="jump_expert"),
+    "all-medium": dict(run_forward="run_forward_medium", run_backward="run_backward_medium", jump="jump_medium"),
+}
+DATASET_KEYS = {  # key: (trailing shape, kind)
+    "observations": ((OBS_DIM,), "f"), "actions": ((ACT_DIM,), "f"), "next_observations": ((OBS_DIM,), "f"),
+    "rewards": ((), "f"), "terminals": ((), "b"), "timeouts": ((), "b"), "x_velocity": ((), "f"),
+}  # fmt: skip
+FIRST_PROGRESS_S, PROGRESS_EVERY_S = 5.0, 30.0  # the first progress line, then one every 30 s of wall time
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be used; its message is one line for the user."""
+
+
+def load_dataset(path):
+    """Read one task's .npz (format in data/README.md) and check every field; returns (task, dict)."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a directory; a dataset is one .npz file per task")
+    if not os.path.isfile(path):
+        raise DatasetError(f"dataset file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            raw = {key: npz[key] for key in npz.files}
+    except Exception as e:
+        raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
+    missing = [key for key in (*DATASET_KEYS, "task") if key not in raw]
+    if missing:
+        raise DatasetError(f"{path}: missing keys {', '.join(missing)}")
+    task, obs = str(raw["task"]), raw["observations"]
+    if task not in TASKS:
+        raise DatasetError(f"{path}: unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if obs.ndim != 2 or obs.shape[1] != OBS_DIM:
+        raise DatasetError(f"{path}: observations have shape {obs.shape}, but Walker2d-v5's have {OBS_DIM} features")
+    data, n = {}, len(obs)
+    for key, (shape, kind) in DATASET_KEYS.items():
+        value, expected = raw[key], "floats" if kind == "f" else "booleans"
+        if value.shape != (n, *shape):
+            raise DatasetError(f"{path}: {key} has shape {value.shape}, expected {(n, *shape)}")
+        if value.dtype.kind not in ("fiu" if kind == "f" else "biu"):
+            raise DatasetError(f"{path}: {key} has dtype {value.dtype}, expected {expected}")
+        if kind == "f" and not np.isfinite(value).all():
+            raise DatasetError(f"{path}: {key} contains NaN or inf")
+        data[key] = value.astype(np.float32 if kind == "f" else bool)
+    if n == 0:
+        raise DatasetError(f"{path}: the dataset is empty")
+    if np.abs(data["actions"]).max() > 1.0 + 1e-6:
+        raise DatasetError(f"{path}: actions outside [-1, 1], the Walker2d action space")
+    return task, data
+
+
+def relabel(data, tasks):
+    """Rewards and terminals of every transition under every task: (N, len(tasks)) arrays."""
+    actions, next_obs, x_velocity = data["actions"], data["next_observations"], data["x_velocity"]
+    rewards = np.stack([task_rewards(t, actions, next_obs, x_velocity) for t in tasks], 1).astype(np.float32)
+    return rewards, np.stack([task_terminals(t, next_obs) for t in tasks], 1)
+
+
+def load_mixture(args):
+    """Load one dataset per task into one buffer: transitions of all tasks, relabelled to all tasks."""
+    for task in args.tasks:
+        if task not in TASKS:
+            raise DatasetError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if len(set(args.tasks)) != len(args.tasks):
+        raise DatasetError(f"each task may appear once in --tasks, got {' '.join(args.tasks)}")
+    if args.datasets and len(args.datasets) != len(args.tasks):
+        raise DatasetError(f"--datasets needs one file per task ({len(args.tasks)}), got {len(args.datasets)}")
+    if not args.datasets and args.mixture not in MIXTURES:
+        raise DatasetError(f"unknown mixture {args.mixture!r}; choose from {', '.join(MIXTURES)}")
+    paths = list(args.datasets) or [os.path.join(HERE, "data", MIXTURES[args.mixture][t] + ".npz") for t in args.tasks]
+    parts = []
+    for task, path in zip(args.tasks, paths):
+        source_task, data = load_dataset(path)
+        if source_task != task:
+            raise DatasetError(f"{path} holds {source_task} data but was given for task {task}")
+        parts.append(data)
+    buffer = {key: np.concatenate([p[key] for p in parts]) for key in DATASET_KEYS}
+    buffer["rewards_all"], buffer["terminals_all"] = relabel(buffer, args.tasks)
+    buffer["source"] = np.concatenate([np.full(len(p["rewards"]), i) for i, p in enumerate(parts)])
+    buffer["sizes"] = np.array([len(p["rewards"]) for p in parts])
+    return buffer, paths
+
+
+def setup(args, limits):
+    """Check the flags, load and relabel the data, seed everything, put the data (normalised) on the device."""
+    keep_freed_memory()
+    for name, interval in limits.items():
+        value, (low, high) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
+        above_low = value is None or (low <= value if interval[0] == "[" else low < value)  # None: an unset option
+        if not (above_low and (value is None or (value <= high if interval[-1] == "]" else value < high))):
+            fail(f"--{name.replace('_', '-')} must lie in {interval}, got {value}")  # NaN lies in no interval
+    if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        fail(f"--device must be auto, cpu or cuda (with a CUDA device present), got {args.device!r}")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        data, paths = load_mixture(args)
+    except DatasetError as e:
+        fail(str(e))
+    path = os.path.join(HERE, "data", "reference.json")  # random and expert returns: the D4RL-style 0-100 score
+    ref = json.load(open(path))["tasks"] if os.path.isfile(path) else {}
+    reference = {t: (ref[t]["random_return"], ref[t]["expert_return"]) for t in args.tasks if t in ref}
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
+    all_obs = np.concatenate([data["observations"], data["next_observations"]])
+    obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-3
+    buf = {key: data[key] for key in ("actions", "rewards_all", "source", "sizes")}
+    buf |= {
+        "terminals_all": data["terminals_all"].astype(np.float32),
+        "obs": (data["observations"] - obs_mean) / obs_std,
+    }
+    buf["next_obs"] = (data["next_observations"] - obs_mean) / obs_std
+    info = {"paths": paths, "reference": reference, "obs_mean": obs_mean, "obs_std": obs_std, "sizes": data["sizes"]}
+    return device, {key: torch.tensor(value, device=device) for key, value in buf.items()}, info
+
+
+class Run:
+    """One run's folder, TensorBoard writer, evaluations, summary.json, checkpoint, progress line and Ctrl-C.
+    `state` names all the checkpoint holds beside the counters: modules and optimisers (state_dict), tensors (copied
+    in place), dicts and lists (refilled in place); save() and resume() both walk it, so they cannot disagree."""
+
+    def __init__(self, args, device, info, total_steps, state, summary=()):
+        self.args, self.device, self.info, self.total_steps, self.state = args, device, info, total_steps, state
+        self.summary_keys, self.step, self.evals, self.wall_before = summary, 0, [], 0.0  # summary: names in `state`
+        self.name = f"{args.exp_name}__{args.mixture if not args.datasets else 'custom'}__{args.seed}"
+        self.dir, self.ckpt_path = os.path.join("runs", self.name), os.path.join("runs", self.name, "checkpoint.pt")
+        if os.path.exists(self.ckpt_path) and not args.resume:
+            fail(
+                f"{self.dir} already holds a run; pass --resume to continue it, or choose another --exp-name or --seed"
+            )
+        if args.resume and not os.path.exists(self.ckpt_path):
+            fail(f"--resume: no checkpoint at {self.ckpt_path}")
+        self.saved_args = self.resume() if args.resume else {}
+        os.makedirs(self.dir, exist_ok=True)
+        self.writer = SummaryWriter(self.dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        sizes = ", ".join(f"{t} {s}" for t, s in zip(args.tasks, info["sizes"]))
+        print(f"{self.name}: {len(args.tasks)} tasks, {sum(info['sizes'])} transitions ({sizes}), device {device}")
+        self.log_time = self.progress_time = time.time()
+        self.clock = self.log_time - self.wall_before  # wall time = time.time() - clock, over every resumed part
+        self.log_step, self.progress_step, self.next_progress = self.step, self.step, self.log_time + FIRST_PROGRESS_S
+        self.diverged, self.stop_requested = torch.zeros((), dtype=torch.bool, device=device), False
+        signal.signal(signal.SIGINT, self.on_ctrl_c)
+
+    def resume(self):
+        try:
+            ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            for name, obj in self.state.items():
+                if hasattr(obj, "load_state_dict"):
+                    obj.load_state_dict(ckpt[name])
+                elif torch.is_tensor(obj):
+                    obj.data.copy_(ckpt[name])
+                elif isinstance(obj, dict):
+                    obj.update(ckpt[name])
+                else:
+                    obj[:] = ckpt[name]
+            rng = ckpt["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"].cpu())
+        except Exception as e:  # a truncated or foreign file, or one of other networks
+            fail(f"--resume: cannot restore {self.ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.evals, self.wall_before = ckpt["step"], ckpt["evals"], ckpt["wall_time"]
+        print(f"resumed {self.name} at step {self.step}")
+        return ckpt["args"]
+
+    def save(self):
+        """Write the checkpoint atomically (never after a NaN loss), so an interruption cannot break it."""
+        self.check_finite()
+        ckpt = {name: obj.state_dict() if hasattr(obj, "state_dict") else
+                obj.detach().clone() if torch.is_tensor(obj) else obj for name, obj in self.state.items()}  # fmt: skip
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
+        ckpt |= dict(
+            step=self.step, evals=self.evals, wall_time=time.time() - self.clock, rng=rng, tasks=self.args.tasks
+        )
+        ckpt |= dict(args=asdict(self.args), obs_mean=self.info["obs_mean"], obs_std=self.info["obs_std"])
+        torch.save(ckpt, self.ckpt_path + ".tmp")
+        os.replace(self.ckpt_path + ".tmp", self.ckpt_path)
+
+    def due(self, freq):
+        return self.step % freq == 0 or self.step == self.total_steps
+
+    def watch(self, losses):  # remembers, without a device sync, whether a loss was NaN or inf
+        self.diverged |= ~torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()
+
+    def check_finite(self, what="training diverged (a loss is NaN or inf)"):  # before anything is kept
+        if self.diverged.item():
+            fail(f"{what} before step {self.step}; the last good checkpoint is kept in {self.ckpt_path}", code=3)
+
+    def log(self, losses, stats, *groups):
+        """TensorBoard: losses/<name>_loss, losses/<stat>, each {key: value} of `groups`, and charts/SPS."""
+        self.check_finite()
+        groups = (
+            {f"losses/{k}_loss": v for k, v in losses.items()},
+            {f"losses/{k}": v for k, v in stats.items()},
+            *groups,
+        )
+        for key, value in (item for group in groups for item in group.items()):
+            self.writer.add_scalar(key, torch.as_tensor(value).item(), self.step)
+        sps = (self.step - self.log_step) / max(time.time() - self.log_time, 1e-9)
+        self.writer.add_scalar("charts/SPS", sps, self.step)
+        self.log_time, self.log_step = time.time(), self.step
+
+    def evaluate(self, actor, per_task=None):
+        """Evaluate every task, log eval/..., keep the result (and per_task: {name: [a value per task]})."""
+        self.check_finite()
+        args, info, out = self.args, self.info, {"step": self.step}
+        norm = info["obs_mean"], info["obs_std"]
+        returns = evaluate(actor, args.tasks, args.eval_episodes, *norm, args.seed * 100_000, self.device)
         for i, task in enumerate(args.tasks):
             ret = float(returns[task].mean())
-            result[task] = {"return": ret, "return_std": float(returns[task].std()),
-                            "normalized_score": normalized_score(task, ret, reference), "kl": kl[i], "alpha": alpha[i]}
-            writer.add_scalar(f"eval/{task}/return", ret, step)
-            writer.add_scalar(f"eval/{task}/normalized_score", result[task]["normalized_score"], step)
-        result["average_return"] = float(np.mean([result[t]["return"] for t in args.tasks]))
-        result["average_normalized_score"] = float(np.mean([result[t]["normalized_score"] for t in args.tasks]))
-        writer.add_scalar("eval/average_return", result["average_return"], step)
-        writer.add_scalar("eval/average_normalized_score", result["average_normalized_score"], step)
-        evals.append(result)
-        print(f"eval @ {step}: " + ", ".join(f"{t} {result[t]['return']:.0f} ({result[t]['normalized_score']:.1f})"
-                                             for t in args.tasks) + f"; average score {result['average_normalized_score']:.1f}")
+            random_return, expert_return = info["reference"].get(task, (math.nan, math.nan))  # 0-100: random to expert
+            score = 100.0 * (ret - random_return) / (expert_return - random_return)
+            out[task] = {"return": ret, "return_std": float(returns[task].std()), "normalized_score": score}
+            out[task] |= {name: values[i] for name, values in (per_task or {}).items()}
+        out |= {f"average_{k}": float(np.mean([out[t][k] for t in args.tasks])) for k in ("return", "normalized_score")}
+        keys = [(f"{t}/{k}", out[t][k]) for t in args.tasks for k in ("return", "normalized_score")]
+        for key, value in keys + [(f"average_{k}", out[f"average_{k}"]) for k in ("return", "normalized_score")]:
+            self.writer.add_scalar(f"eval/{key}", value, self.step)
+        self.evals.append(out)
+        scores = ", ".join(f"{t} {out[t]['return']:.0f} ({out[t]['normalized_score']:.1f})" for t in args.tasks)
+        print(f"eval @ {self.step}: {scores}; average score {out['average_normalized_score']:.1f}", flush=True)
+        self.write_summary(finished=self.step == self.total_steps)
 
-    def write_summary(finished):
-        scored = evals and all(math.isfinite(e["average_normalized_score"]) for e in evals)
+    def write_summary(self, finished):
+        evals, scored = self.evals, all(math.isfinite(e["average_normalized_score"]) for e in self.evals)
         best = max(evals, key=lambda e: e["average_normalized_score"] if scored else e["average_return"], default=None)
-        summary = {"exp_name": args.exp_name, "run_name": run_name, "finished": finished, "steps_done": step,
-                   "wall_time_s": wall_before + time.time() - start_time, "device": str(device),
-                   "datasets": dict(zip(args.tasks, paths)), "final": evals[-1] if evals else None, "best": best,
-                   "warnings": warnings, "evals": evals, "args": asdict(args)}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        summary = {"exp_name": self.args.exp_name, "run_name": self.name, "finished": finished, "steps_done": self.step,
+                   "wall_time_s": time.time() - self.clock, "device": str(self.device),
+                   "datasets": dict(zip(self.args.tasks, self.info["paths"])), "final": evals[-1] if evals else None,
+                   "best": best, "evals": evals, "args": asdict(self.args)}  # fmt: skip
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump(summary | {name: self.state[name] for name in self.summary_keys}, f, indent=1)
 
-    # ALGO LOGIC: the training loop
-    start_time, sps_time, sps_step = time.time(), time.time(), step
-    diverged = torch.zeros((), dtype=torch.bool, device=device)
-    stop_requested = []
+    def end_step(self, describe, step=None, total=None, label="step"):
+        """The progress line FIRST_PROGRESS_S after the start, then every PROGRESS_EVERY_S and at the end: step,
+        updates/s, describe(), the latest evaluation, ETA. Then a requested stop: save and exit 130."""
+        step, total, now = self.step if step is None else step, total or self.total_steps, time.time()
+        if now >= self.next_progress or step == total:
+            self.check_finite()
+            rate = (step - self.progress_step) / max(now - self.progress_time, 1e-9)
+            last = (
+                f"{self.evals[-1]['average_normalized_score']:.1f} @ {self.evals[-1]['step']}"
+                if self.evals
+                else "none yet"
+            )
+            eta = (total - step) / max(rate, 1e-9) / 60  # minutes
+            eta = f"{eta / 60:.1f} h" if eta >= 60 else f"{eta:.0f} min" if eta >= 1 else f"{eta * 60:.0f} s"
+            print(
+                f"{label} {step}/{total} | {rate:.1f} updates/s | {describe()} | last eval {last} | ETA {eta}",
+                flush=True,
+            )
+            self.progress_step, self.progress_time, self.next_progress = step, now, now + PROGRESS_EVERY_S
+        if self.stop_requested:
+            self.check_finite("interrupted after the training diverged; stopped")
+            self.save()
+            self.write_summary(finished=False)
+            print(f"\ninterrupted at {label} {step}; checkpoint saved, continue with --resume", flush=True)
+            raise SystemExit(130)
 
-    def on_ctrl_c(signum, frame):  # Ctrl-C: finish the step under way, then checkpoint and stop
-        if stop_requested:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        stop_requested.append(True)
+    def on_ctrl_c(self, signum, frame):  # the step under way finishes, then end_step() saves and stops
+        if self.stop_requested:
+            fail(f"stopped at once by a second Ctrl-C; the last checkpoint is kept in {self.ckpt_path}", code=130)
+        self.stop_requested = True
 
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        warmup_time, warmup_step = time.time(), behavior_step
-        while behavior_step < args.behavior_warmup_steps:  # BRAC: pi_beta is fitted before the actor-critic starts
-            # its warm-up data: the union with --share all, else D_i (CDS routes nothing before its critic learns)
-            batch, _ = (sample_all if args.share == "all" else sample_none)(buf, starts, sizes, args)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                # max_beta E_{(s, a) ~ D_i}[log pi_beta(a|s, i)]
-                log_prob = behavior.log_prob(batch["obs"], batch["task_ids"], batch["actions"])
-                log_likelihood = per_task_mean(log_prob, batch["weights"])
-            diverged |= ~torch.isfinite(log_likelihood.detach())
-            behavior_optim.zero_grad(set_to_none=True)
-            (-log_likelihood).backward()
-            behavior_optim.step()
-            behavior_step += 1
-            done = behavior_step == args.behavior_warmup_steps
-            if behavior_step % args.log_freq == 0 or behavior_step % args.checkpoint_freq == 0 or done:
-                if diverged.item():
-                    fail(f"the behaviour model diverged (its log-likelihood is NaN or inf) in warm-up step {behavior_step}; "
-                         f"the last good checkpoint is kept in {ckpt_path}", code=3)
-            if behavior_step % args.log_freq == 0 or done:
-                sps = (behavior_step - warmup_step) / (time.time() - warmup_time)
-                warmup_time, warmup_step = time.time(), behavior_step
-                writer.add_scalar("warmup/behavior_log_likelihood", log_likelihood.item(), behavior_step)
-                eta = (args.behavior_warmup_steps - behavior_step) / max(sps, 1e-9)
-                print(f"behaviour warm-up {behavior_step}/{args.behavior_warmup_steps} | SPS {sps:.1f} "
-                      f"| log-likelihood {log_likelihood.item():.2f} | ETA {eta / 3600:.1f} h", flush=True)
-            if behavior_step % args.checkpoint_freq == 0 or done:
-                save_checkpoint(ckpt_path, state())
-            if stop_requested:  # Ctrl-C in the warm-up: as in the training loop below
-                if diverged.item():
-                    fail(f"interrupted after the behaviour model diverged; the last good checkpoint is kept in {ckpt_path}", code=3)
-                save_checkpoint(ckpt_path, state())
-                write_summary(finished=False)
-                print(f"\ninterrupted in behaviour warm-up step {behavior_step}; checkpoint saved, continue with --resume",
-                      flush=True)
-                raise SystemExit(130)
+    def finish(self):
+        self.writer.close()
+        print(f"done: {self.step} steps in {time.time() - self.clock:.0f} s; summary in {self.dir}/summary.json")
 
-        sps_time, sps_step = time.time(), step
-        while step < args.total_steps:
-            batch, sharing = sample_batch(buf, starts, sizes, critic, args)
-            q_weight = float(step >= args.actor_warmup_steps)  # BRAC's warm start: the actor ignores Q at first
-            alpha = log_alpha.detach().exp()
-            losses, stats, per_task = loss_fn(actor, critic, critic_target, behavior, batch, args, alpha, q_weight)
-            if args.target_kl is not None and q_weight > 0:  # not in the actor's warm-up, where alpha could only shrink
-                losses["alpha"] = alpha_loss(log_alpha, per_task["kl"], args.target_kl)
-            diverged |= ~torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all()
-            for optim in (actor_optim, critic_optim, behavior_optim, alpha_optim):
-                optim.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            actor_optim.step()
-            critic_optim.step()
-            behavior_optim.step()
-            if "alpha" in losses:
-                alpha_optim.step()
-            with torch.no_grad():  # Polyak averaging of the target critics
-                for p, tp in zip(critic.parameters(), critic_target.parameters()):
-                    tp.lerp_(p, args.tau)
-            step += 1
 
-            if step % args.log_freq == 0 or step % args.checkpoint_freq == 0 or step == args.total_steps:
-                if diverged.item():
-                    fail(f"training diverged (a loss is NaN or inf) before step {step}; "
-                         f"the last good checkpoint is kept in {ckpt_path}", code=3)
-            if step % args.log_freq == 0:
-                sps = (step - sps_step) / (time.time() - sps_time)
-                sps_time, sps_step = time.time(), step
-                for key, value in losses.items():
-                    writer.add_scalar(f"losses/{key}_loss", value.item(), step)
-                for key, value in stats.items():
-                    writer.add_scalar(f"losses/{key}", value.item(), step)
-                for i, task in enumerate(args.tasks):  # D_KL(pi, pi_beta) per task: the paper's analysis table
-                    for key, value in per_task.items():
-                        writer.add_scalar(f"brac/{task}/{key}", value[i].item(), step)
-                    writer.add_scalar(f"brac/{task}/alpha", alpha[i].item(), step)
-                for key, value in sharing.items():
-                    writer.add_scalar(key, value.item(), step)
-                writer.add_scalar("charts/SPS", sps, step)
-                for i, task in enumerate(args.tasks):
-                    q = per_task["q_data"][i].item()
-                    if q > q_ceiling[i] and not any(w["task"] == task for w in warnings):
-                        warn_over_estimation(task, q, q_ceiling[i], step, ckpt_path, warnings)
-                eta = (args.total_steps - step) / max(sps, 1e-9)
-                last = f"{evals[-1]['average_normalized_score']:.1f} @ {evals[-1]['step']}" if evals else "none yet"
-                learned = f"| alpha {' '.join(f'{x:.2f}' for x in alpha.tolist())} " if args.target_kl is not None else ""
-                print(f"step {step}/{args.total_steps} | SPS {sps:.1f} | critic {losses['critic'].item():.2f} "
-                      f"| Q(data) {stats['q_data'].item():.1f} | KL {stats['kl'].item():.2f} {learned}"
-                      f"| last eval score {last} | ETA {eta / 3600:.1f} h", flush=True)
-            if step % args.eval_freq == 0 or step == args.total_steps:
-                run_evaluation(per_task["kl"].tolist(), alpha.tolist())
-                write_summary(finished=step == args.total_steps)
-            if step % args.checkpoint_freq == 0 or step == args.total_steps:
-                save_checkpoint(ckpt_path, state())
-            if stop_requested:
-                if diverged.item():
-                    fail(f"interrupted after the training diverged; the last good checkpoint is kept in {ckpt_path}", code=3)
-                save_checkpoint(ckpt_path, state())
-                write_summary(finished=False)
-                print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", flush=True)
-                raise SystemExit(130)
-    except KeyboardInterrupt:
-        fail(f"stopped at once by a second Ctrl-C; the last checkpoint is kept in {ckpt_path}", code=130)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    writer.close()
-    print(f"done: {step} steps in {wall_before + time.time() - start_time:.0f} s; summary in {run_dir}/summary.json")
+def keep_freed_memory():
+    """CPU speed: glibc maps each allocation over 32 MB afresh and unmaps it when freed, so each step page-faulted
+    through the critic's activations again (a third of a CQL step). Freed blocks up to 1 GiB are now reused."""
+    if sys.platform.startswith("linux") and sys.implementation.name == "cpython":
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GiB come from the heap
+        ctypes.CDLL("libc.so.6").mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap for reuse
+
+
+def fail(message, code=2):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a run that ends here no longer catches Ctrl-C
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Phase `build` reads the finished runs and writes, per task:
 plus the behaviour-policy actor weights and the reference returns (random and expert policy).
 The file format is described in data/README.md.
 """
+
 import json
 import os
 import random
@@ -253,9 +254,16 @@ def train_task(args: Args, task: str, seed: int):
         if not args.resume:
             raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or remove {args.work_dir}")
         ckpt = torch.load(ckpt_path, weights_only=False)
-        for module, key in ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (qf1_target, "qf1_target"),
-                            (qf2_target, "qf2_target"), (q_optim, "q_optim"), (actor_optim, "actor_optim"),
-                            (alpha_optim, "alpha_optim")):
+        for module, key in (
+            (actor, "actor"),
+            (qf1, "qf1"),
+            (qf2, "qf2"),
+            (qf1_target, "qf1_target"),
+            (qf2_target, "qf2_target"),
+            (q_optim, "q_optim"),
+            (actor_optim, "actor_optim"),
+            (alpha_optim, "alpha_optim"),
+        ):
             module.load_state_dict(ckpt[key])
         with torch.no_grad():
             log_alpha.copy_(ckpt["log_alpha"])
@@ -273,15 +281,29 @@ def train_task(args: Args, task: str, seed: int):
         return
 
     def checkpoint():
-        save_atomic({
-            "actor": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
-            "qf1_target": qf1_target.state_dict(), "qf2_target": qf2_target.state_dict(),
-            "q_optim": q_optim.state_dict(), "actor_optim": actor_optim.state_dict(),
-            "alpha_optim": alpha_optim.state_dict(), "log_alpha": log_alpha.detach().clone(),
-            "step": step, "evals": evals, "buffer": {k: v[:step] for k, v in buffer.items()},
-            "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "args": asdict(args), "task": task, "seed": seed,
-        }, ckpt_path)
+        save_atomic(
+            {
+                "actor": actor.state_dict(),
+                "qf1": qf1.state_dict(),
+                "qf2": qf2.state_dict(),
+                "qf1_target": qf1_target.state_dict(),
+                "qf2_target": qf2_target.state_dict(),
+                "q_optim": q_optim.state_dict(),
+                "actor_optim": actor_optim.state_dict(),
+                "alpha_optim": alpha_optim.state_dict(),
+                "log_alpha": log_alpha.detach().clone(),
+                "step": step,
+                "evals": evals,
+                "buffer": {k: v[:step] for k, v in buffer.items()},
+                "numpy_rng": np.random.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "args": asdict(args),
+                "task": task,
+                "seed": seed,
+            },
+            ckpt_path,
+        )
 
     obs, _ = env.reset(seed=seed + 1000 * step)
     start, start_step = time.time(), step
@@ -304,11 +326,16 @@ def train_task(args: Args, task: str, seed: int):
             alpha = log_alpha.exp().detach()
             with torch.no_grad():
                 next_action, next_log_prob = actor.sample(b["next_observations"])
-                next_q = torch.min(qf1_target(b["next_observations"], next_action),
-                                   qf2_target(b["next_observations"], next_action)) - alpha * next_log_prob
+                next_q = (
+                    torch.min(
+                        qf1_target(b["next_observations"], next_action), qf2_target(b["next_observations"], next_action)
+                    )
+                    - alpha * next_log_prob
+                )
                 target = b["rewards"] + args.gamma * (1.0 - b["terminals"].float()) * next_q
-            q_loss = F.mse_loss(qf1(b["observations"], b["actions"]), target) + \
-                F.mse_loss(qf2(b["observations"], b["actions"]), target)
+            q_loss = F.mse_loss(qf1(b["observations"], b["actions"]), target) + F.mse_loss(
+                qf2(b["observations"], b["actions"]), target
+            )
             q_optim.zero_grad()
             q_loss.backward()
             q_optim.step()
@@ -332,12 +359,21 @@ def train_task(args: Args, task: str, seed: int):
             _, returns = run_episodes(eval_env, actor.act, n_episodes=args.eval_episodes, seed=10_000 + step)
             snapshot = os.path.join(run_dir, "snapshots", f"actor_{step:07d}.pt")
             torch.save(actor.state_dict(), snapshot)
-            evals.append({"step": step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-                          "snapshot": snapshot})
+            evals.append(
+                {
+                    "step": step,
+                    "return_mean": float(returns.mean()),
+                    "return_std": float(returns.std()),
+                    "snapshot": snapshot,
+                }
+            )
             sps = (step - start_step) / (time.time() - start)
             eta = (args.total_steps - step) / max(sps, 1e-9) / 60
-            print(f"[{task}] step {step} return {returns.mean():.1f} ± {returns.std():.1f} "
-                  f"SPS {sps:.0f} ETA {eta:.0f} min", flush=True)
+            print(
+                f"[{task}] step {step} return {returns.mean():.1f} ± {returns.std():.1f} "
+                f"SPS {sps:.0f} ETA {eta:.0f} min",
+                flush=True,
+            )
             with open(os.path.join(run_dir, "evals.json"), "w") as f:
                 json.dump(evals, f, indent=1)
         if step % args.checkpoint_every == 0 or step == args.total_steps:
@@ -352,15 +388,20 @@ def build_task(args: Args, task: str, seed: int):
     run_dir = os.path.join(args.work_dir, task)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     if ckpt["step"] < args.total_steps:
-        raise SystemExit(f"error: {task} has trained {ckpt['step']} of {args.total_steps} steps; run --phase train --resume")
+        raise SystemExit(
+            f"error: {task} has trained {ckpt['step']} of {args.total_steps} steps; run --phase train --resume"
+        )
     torch.manual_seed(seed)  # the datasets' sampled actions
     env = make_env(task)
     expert = Actor()
     expert.load_state_dict(ckpt["actor"])
     # reference returns: a uniformly random policy, and the expert with its mean action (as evaluation uses)
-    _, random_returns = run_episodes(env, lambda o: env.action_space.sample(), n_episodes=args.reference_episodes, seed=seed + 1)
-    _, expert_returns = run_episodes(env, lambda o: expert.act(o, deterministic=True),
-                                     n_episodes=args.reference_episodes, seed=seed + 2)
+    _, random_returns = run_episodes(
+        env, lambda o: env.action_space.sample(), n_episodes=args.reference_episodes, seed=seed + 1
+    )
+    _, expert_returns = run_episodes(
+        env, lambda o: expert.act(o, deterministic=True), n_episodes=args.reference_episodes, seed=seed + 2
+    )
     # expert data come from the final policy; its sampled-action return sets the medium target
     expert_data, expert_data_returns = run_episodes(env, expert.act, n_steps=args.expert_size, seed=seed + 3)
     # medium: the training evaluations (few episodes) are noisy, so the snapshots closest to the target
@@ -376,11 +417,14 @@ def build_task(args: Args, task: str, seed: int):
         data, _ = run_episodes(env, actor.act, n_steps=args.medium_size, seed=seed + 4)
         fraction = episode_returns(data).mean() / expert_mean
         tried.append((fraction, candidate, actor, data))
-        print(f"[{task}] medium candidate at step {candidate['step']}: {fraction:.0%} of the expert's return", flush=True)
+        print(
+            f"[{task}] medium candidate at step {candidate['step']}: {fraction:.0%} of the expert's return", flush=True
+        )
         if low <= fraction <= high:
             break
     fraction, medium_eval, medium, medium_data = min(
-        tried, key=lambda t: (not low <= t[0] <= high, abs(t[0] - args.medium_fraction)))
+        tried, key=lambda t: (not low <= t[0] <= high, abs(t[0] - args.medium_fraction))
+    )
     replay = {k: v[: medium_eval["step"]].copy() for k, v in ckpt["buffer"].items()}
     last = medium_eval["step"] - 1
     replay["timeouts"][last] = replay["timeouts"][last] or not replay["terminals"][last]
@@ -388,15 +432,26 @@ def build_task(args: Args, task: str, seed: int):
     os.makedirs(os.path.join(args.out_dir, "policies"), exist_ok=True)
     torch.save(expert.state_dict(), os.path.join(args.out_dir, "policies", f"{task}_expert_actor.pt"))
     torch.save(medium.state_dict(), os.path.join(args.out_dir, "policies", f"{task}_medium_actor.pt"))
-    info = {"task": task, "seed": seed, "sac_steps": ckpt["step"], "medium_snapshot_step": medium_eval["step"],
-            "medium_fraction_of_expert_data": float(fraction),
-            "random_return": float(random_returns.mean()), "expert_return": float(expert_returns.mean()),
-            "random_return_std": float(random_returns.std()), "expert_return_std": float(expert_returns.std()),
-            "datasets": {}}
+    info = {
+        "task": task,
+        "seed": seed,
+        "sac_steps": ckpt["step"],
+        "medium_snapshot_step": medium_eval["step"],
+        "medium_fraction_of_expert_data": float(fraction),
+        "random_return": float(random_returns.mean()),
+        "expert_return": float(expert_returns.mean()),
+        "random_return_std": float(random_returns.std()),
+        "expert_return_std": float(expert_returns.std()),
+        "datasets": {},
+    }
     for kind, data in (("expert", expert_data), ("medium", medium_data), ("medium-replay", replay)):
         returns = episode_returns(data)
-        info["datasets"][kind] = {"transitions": int(len(data["rewards"])), "episodes": len(returns),
-                                  "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns))}
+        info["datasets"][kind] = {
+            "transitions": int(len(data["rewards"])),
+            "episodes": len(returns),
+            "return_mean": float(np.mean(returns)),
+            "return_std": float(np.std(returns)),
+        }
         if f"{task}/{kind}" in args.datasets:
             path = os.path.join(args.out_dir, f"{task}_{kind.replace('-', '_')}.npz")
             np.savez_compressed(path, task=np.array(task), **data)

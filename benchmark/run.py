@@ -2,18 +2,29 @@
 
     python benchmark/run.py --budget cpu --workers 2            # run the grid, 2 processes at a time
     python benchmark/run.py --budget paper --print-commands      # one command per line, for a cluster
-    python benchmark/run.py --mode report --budget cpu           # results table and learning curves
+    python benchmark/run.py --mode report --budget cpu           # results table, score figure, learning curves
     python benchmark/run.py --budget cpu-20k --workdir runs-20k  # the cpu configuration, twice as long
+    python benchmark/run.py --budget cpu-40k --workdir runs-40k --continue-from runs-20k  # those runs, on to 40k
 
-A run whose summary.json says finished is skipped; an interrupted one (a checkpoint, not finished)
-is resumed with --resume. Runs live in runs/<method>__<mixture>__<seed>/ as every script writes them;
-`report` copies each summary.json into benchmark/results/<budget>/ (small files, committed) and
-builds results.md and one learning-curve PNG per mixture from them.
+A run is finished when its summary.json's steps_done reaches the budget's steps (HCSAC: epochs x steps per
+epoch); finished runs are skipped, and a run with a checkpoint short of them (interrupted, or continued from a
+shorter budget) is resumed with --resume. `--continue-from <workdir of a shorter budget>` starts every grid run
+that has no folder in --workdir yet as a copy of <that workdir>/runs/<run_name>/ (when it holds a checkpoint),
+which is then resumed to this budget's steps. Resume is exact, so a continued CQL or BRAC run is the run trained
+straight to the longer budget; HCSAC's epochs grow with the budget, so a continued HCSAC run keeps the shorter
+budget's relabelling schedule for the steps it had done.
+
+Runs live in <workdir>/runs/<method>__<mixture>__<seed>/ as every script writes them. `report` copies each
+summary.json into benchmark/results/<budget>/ (small files, committed) and builds from them results.md, one score
+figure (scores_<mixture>.png: each seed's average normalised score, per method family) and one learning-curve PNG
+(curves_<mixture>.png) per mixture.
 """
+
 import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -55,16 +66,24 @@ BUDGETS = {
     # the reduced configuration that fits 2 CPU cores (see the README): 2x256 networks, 4 sampled
     # actions of each kind in CQL's logsumexp, 10k gradient steps, a 10k-step behaviour-model warm-up
     # for BRAC
-    "cpu": {"steps": 10_000, "eval_every": 1_000, "common": ["--n-hidden", "2"],
-            "per_script": {"cql_mt_noshare": ["--cql-n-actions", "4"], "cql_mt_shareall": ["--cql-n-actions", "4"],
-                           "cql_mt_cds": ["--cql-n-actions", "4"], "hcsac": ["--cql-n-actions", "4"],
-                           "brac_mt_cds": ["--behavior-warmup-steps", "10000", "--actor-warmup-steps", "1000"]}},
+    "cpu": {
+        "steps": 10_000,
+        "eval_every": 1_000,
+        "common": ["--n-hidden", "2"],
+        "per_script": {
+            "cql_mt_noshare": ["--cql-n-actions", "4"],
+            "cql_mt_shareall": ["--cql-n-actions", "4"],
+            "cql_mt_cds": ["--cql-n-actions", "4"],
+            "hcsac": ["--cql-n-actions", "4"],
+            "brac_mt_cds": ["--behavior-warmup-steps", "10000", "--actor-warmup-steps", "1000"],
+        },
+    },
 }
-# the same reduced configuration run twice as long. A `cpu` run copied into the `cpu-20k` runs folder with
-# "finished" set to false in its summary.json is resumed from its 10k checkpoint (resume is exact).
+# the same reduced configuration run 2, 4 and 8 times as long (the committed runs of each were continued from the
+# shorter budget's checkpoints, as --continue-from does)
 BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
-BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}  # the same, four times as long (copied from cpu-20k)
-BUDGETS["cpu-80k"] = {**BUDGETS["cpu"], "steps": 80_000}  # eight times as long (copied from cpu-40k)
+BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}
+BUDGETS["cpu-80k"] = {**BUDGETS["cpu"], "steps": 80_000}
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -94,6 +113,9 @@ class Args:
     """print the commands, one per line, instead of running them"""
     workdir: str = "."
     """the folder the scripts run in; they write their runs to <workdir>/runs/ (keep budgets apart)"""
+    continue_from: str = ""
+    """the workdir of a shorter budget: a grid run with no folder in --workdir yet starts as a copy of its
+    <continue-from>/runs/<run_name>/ (when that holds a checkpoint), resumed to this budget's steps"""
     results_dir: str = ""
     """where `report` writes (default: benchmark/results/<budget>)"""
 
@@ -111,40 +133,110 @@ def command(method, mixture, seed, args):
     script, flags = {**METHODS, **SWEEPS}[method]
     steps, eval_every = budget["steps"], budget["eval_every"]
     if script == "hcsac":
-        # seed 003's schedule is 1000 epochs of 1000 steps, relabelling every 100 epochs; a shorter budget
+        # the HCSAC slides' schedule is 1000 epochs of 1000 steps, relabelling every 100 epochs; a shorter budget
         # keeps its shape: 100 epochs of steps/100, relabelling every 10 epochs (MTCSAC: never)
         if args.budget != "paper":
             per_epoch = steps // 100
-            flags = ["--epochs", "100", "--steps-per-epoch", str(per_epoch),
-                     "--eval-every-epochs", str(max(eval_every // per_epoch, 1)), "--checkpoint-every-epochs", "5",
-                     *(flags if flags else ["--relabel-every", "10"])]
+            flags = [
+                "--epochs",
+                "100",
+                "--steps-per-epoch",
+                str(per_epoch),
+                "--eval-every-epochs",
+                str(max(eval_every // per_epoch, 1)),
+                "--checkpoint-every-epochs",
+                "5",
+                *(flags if flags else ["--relabel-every", "10"]),
+            ]
     else:
-        flags = ["--total-steps", str(steps), "--eval-freq", str(eval_every), "--checkpoint-freq", str(eval_every)] + flags
-    run = [sys.executable, os.path.join(ROOT, script + ".py"), "--exp-name", method, "--mixture", mixture,
-           "--seed", str(seed), "--device", args.device, *budget["common"], *budget["per_script"].get(script, []), *flags]
+        flags = [
+            "--total-steps",
+            str(steps),
+            "--eval-freq",
+            str(eval_every),
+            "--checkpoint-freq",
+            str(eval_every),
+        ] + flags
+    run = [
+        sys.executable,
+        os.path.join(ROOT, script + ".py"),
+        "--exp-name",
+        method,
+        "--mixture",
+        mixture,
+        "--seed",
+        str(seed),
+        "--device",
+        args.device,
+        *budget["common"],
+        *budget["per_script"].get(script, []),
+        *flags,
+    ]
     run_dir = os.path.normpath(os.path.join(args.workdir, "runs", f"{method}__{mixture}__{seed}"))
     return run, run_dir
 
 
-def status(run_dir):
+def planned_steps(cmd, budget):
+    """Gradient steps a command trains for, read from its flags as the script reads them: --total-steps, or
+    HCSAC's --epochs x --steps-per-epoch; without them (the paper budget) the scripts' defaults, the budget's."""
+
+    def flag(name):
+        return int(cmd[cmd.index(name) + 1]) if name in cmd else None
+
+    if flag("--epochs") is not None:
+        return flag("--epochs") * flag("--steps-per-epoch")
+    return flag("--total-steps") or BUDGETS[budget]["steps"]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_finished(summary, steps):
+    """A run is finished when it has done the budget's steps: a run finished at a shorter budget is not."""
+    return summary.get("steps_done", 0) >= steps
+
+
+def status(run_dir, steps):
+    """`finished` (summary.json's steps_done reaches steps), `interrupted` (a checkpoint short of them) or `new`."""
     summary = os.path.join(run_dir, "summary.json")
-    if os.path.exists(summary) and json.load(open(summary)).get("finished"):
+    if os.path.exists(summary) and is_finished(read_json(summary), steps):
         return "finished"
     return "interrupted" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else "new"
 
 
+def continued_run(run_dir, args):
+    """The shorter budget's run folder a run starts from with --continue-from, or None (no such run, or a
+    folder already in --workdir, which then goes on by itself)."""
+    if not args.continue_from or os.path.exists(run_dir):
+        return None
+    source = os.path.normpath(os.path.join(args.continue_from, "runs", os.path.basename(run_dir)))
+    if os.path.exists(os.path.join(source, "checkpoint.pt")):
+        return source
+    if os.path.isdir(source):
+        print(f"note: {source} holds no checkpoint.pt, so {run_dir} starts from scratch", file=sys.stderr)
+    return None
+
+
 def run_grid(args):
+    if args.continue_from and not os.path.isdir(os.path.join(args.continue_from, "runs")):
+        raise SystemExit(f"error: --continue-from {args.continue_from}: no runs/ folder there")
     todo = []
     for method, mixture, seed in grid(args):
         cmd, run_dir = command(method, mixture, seed, args)
-        state = status(run_dir)
-        if state == "finished":
+        source = continued_run(run_dir, args)
+        state = status(source or run_dir, planned_steps(cmd, args.budget))
+        if state == "finished":  # (a continued run already as long as this budget is not copied either)
             continue
         if state == "interrupted":
             cmd.append("--resume")
-        todo.append((cmd, run_dir))
+        todo.append((cmd, run_dir, source))
     if args.print_commands:
-        for cmd, _ in todo:
+        for cmd, run_dir, source in todo:
+            if source:
+                parent = os.path.dirname(run_dir)
+                print(f"mkdir -p {shlex.quote(parent)} && cp -r {shlex.quote(source)} {shlex.quote(run_dir)}")
             print(shlex.join(cmd) if args.workdir == "." else f"cd {shlex.quote(args.workdir)} && {shlex.join(cmd)}")
         return
     print(f"{len(todo)} runs to do, {args.workers} at a time")
@@ -152,18 +244,24 @@ def run_grid(args):
     running = []
     while todo or running:
         while todo and len(running) < args.workers:
-            cmd, run_dir = todo.pop(0)
+            cmd, run_dir, source = todo.pop(0)
+            if source:
+                os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+                shutil.copytree(source, run_dir)
+                print(f"copied {source} to {run_dir}")
             os.makedirs(run_dir, exist_ok=True)
-            log = open(os.path.join(run_dir, "stdout.log"), "a")
             print(f"start {run_dir}")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.workdir), run_dir, log))
+            with open(os.path.join(run_dir, "stdout.log"), "a") as log:  # the child keeps its own copy open
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.workdir)
+            running.append((proc, run_dir))
         time.sleep(5)
         for item in list(running):
-            proc, run_dir, log = item
+            proc, run_dir = item
             if proc.poll() is not None:
-                log.close()
                 running.remove(item)
-                outcome = {0: "done ", 130: "interrupted (resumes from its checkpoint)"}.get(proc.returncode, f"FAILED ({proc.returncode})")
+                outcome = {0: "done ", 130: "interrupted (resumes from its checkpoint)"}.get(
+                    proc.returncode, f"FAILED ({proc.returncode})"
+                )
                 print(f"{outcome} {run_dir}")
 
 
@@ -179,7 +277,9 @@ def mean_std(values, digits=1):
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
-DIAGNOSTIC_PREFIXES = ("sharing/", "cds/", "brac/")  # routed fractions, Q-hat of own vs routed data, D_KL
+# the batch each task trains on, CDS's routing (and Q-hat of own vs routed data), HCSAC's relabelling, BRAC's D_KL
+DIAGNOSTIC_PREFIXES = ("batch/", "cds/", "relabel/", "brac/")
+PAIRS = [(src, dst) for dst in TASKS for src in TASKS if src != dst]  # (source task, target task)
 
 
 def tensorboard_diagnostics(run_dir):
@@ -193,64 +293,118 @@ def tensorboard_diagnostics(run_dir):
     for tag in events.Tags()["scalars"]:
         if tag.startswith(DIAGNOSTIC_PREFIXES):
             values = np.array([e.value for e in events.Scalars(tag)])
-            late = values[-max(len(values) // 4, 1):]
+            late = values[-max(len(values) // 4, 1) :]
             if tag.endswith("/q_routed"):  # a step that routed nothing has no routed Q-hat: NaN (earlier runs: 0)
                 values, late = values[np.isfinite(values) & (values != 0)], late[np.isfinite(late) & (late != 0)]
-            out[tag] = {"mean": float(values.mean()) if len(values) else None,
-                        "last_quarter": float(late.mean()) if len(late) else None, "points": len(values)}
+            out[tag] = {
+                "mean": float(values.mean()) if len(values) else None,
+                "last_quarter": float(late.mean()) if len(late) else None,
+                "points": len(values),
+            }
     return out
 
 
+def last_quarter(runs, tag):
+    """mean ± std over seeds of a diagnostic's mean over the last quarter of training."""
+    digits = 3 if tag.startswith("batch/") or tag.endswith("fraction") else 1
+    return mean_std([r.get("diagnostics", {}).get(tag, {}).get("last_quarter") for r in runs], digits)
+
+
+def pair_table(methods, summaries, tag_of_pair, heading):
+    """One row per method that logged tag_of_pair(src, dst) for some pair, one column per source → target pair."""
+    rows = [m for m in methods if any(tag_of_pair(*p) in r.get("diagnostics", {}) for r in summaries[m] for p in PAIRS)]
+    if not rows:
+        return []
+    lines = [f"\n{heading}, mean over the last quarter of training:\n"]
+    lines += [
+        "| method | " + " | ".join(f"{src} → {dst}" for src, dst in PAIRS) + " |",
+        "|---" * (1 + len(PAIRS)) + "|",
+    ]
+    for m in rows:
+        lines.append(f"| {m} | " + " | ".join(last_quarter(summaries[m], tag_of_pair(*p)) for p in PAIRS) + " |")
+    return lines
+
+
 def diagnostics_tables(mixture, methods, summaries):
-    """Markdown tables of the sharing diagnostics: routed fractions, Q-hat own vs routed, D_KL."""
-    lines = []
-
-    def late(runs, tag):
-        digits = 3 if tag.startswith("sharing/") or tag.endswith("fraction") else 1
-        return mean_std([r.get("diagnostics", {}).get(tag, {}).get("last_quarter") for r in runs], digits)
-
-    pairs = [f"{src}_to_{dst}" for dst in TASKS for src in TASKS if src != dst]
-    sharing = [m for m in methods if any(f"sharing/{p}" in r.get("diagnostics", {}) for r in summaries[(mixture, m)] for p in pairs)]
-    if sharing:
-        lines += ["\nFraction of each source task's data that reaches each target task (the CDS weight; for share-all "
-                  "the share of the target's batch drawn from the source; for HCSAC the share of the source's "
-                  "dataset added at relabelling), mean over the last quarter of training:\n",
-                  "| method | " + " | ".join(p.replace("_to_", " → ") for p in pairs) + " |", "|---" * (1 + len(pairs)) + "|"]
-        for m in sharing:
-            lines.append(f"| {m} | " + " | ".join(late(summaries[(mixture, m)], f"sharing/{p}") for p in pairs) + " |")
-    cds = [m for m in methods if any(f"cds/{TASKS[0]}/q_own" in r.get("diagnostics", {}) for r in summaries[(mixture, m)])]
+    """Markdown tables of the sharing diagnostics: the make-up of each task's batch, CDS's routing and Q-hat,
+    HCSAC's relabelling, BRAC's D_KL."""
+    summaries = {m: summaries[(mixture, m)] for m in methods}
+    lines = pair_table(
+        methods,
+        summaries,
+        lambda src, dst: f"batch/{dst}/from_{src}",
+        "Share of each target task's batch drawn from each source task (weighted by the transitions' training weights)",
+    )
+    lines += pair_table(
+        methods,
+        summaries,
+        lambda src, dst: f"cds/{src}_to_{dst}/routed_fraction",
+        "CDS: fraction of each source task's candidates routed to each target task (the paper's CDS weight)",
+    )
+    cds = [m for m in methods if any(f"cds/{TASKS[0]}/q_own" in r.get("diagnostics", {}) for r in summaries[m])]
     if cds:
-        lines += ["\nConservative Q-hat of each task's own batch and of the data routed to it, and the fraction of "
-                  "candidates routed, mean over the last quarter of training:\n",
-                  "| method | " + " | ".join(f"{t} Q-hat own / routed / fraction" for t in TASKS) + " |", "|---" * (1 + len(TASKS)) + "|"]
+        lines += [
+            (
+                "\nConservative Q-hat of each task's own batch and of the data routed to it, and the fraction of all "
+                "its candidates routed, mean over the last quarter of training:\n"
+            ),
+            "| method | " + " | ".join(f"{t} Q-hat own / routed / fraction" for t in TASKS) + " |",
+            "|---" * (1 + len(TASKS)) + "|",
+        ]
         for m in cds:
-            runs = summaries[(mixture, m)]
-            lines.append(f"| {m} | " + " | ".join(
-                f"{late(runs, f'cds/{t}/q_own')} / {late(runs, f'cds/{t}/q_routed')} / {late(runs, f'cds/{t}/routed_fraction')}"
-                for t in TASKS) + " |")
-    brac = [m for m in methods if any(f"brac/{TASKS[0]}/kl" in r.get("diagnostics", {}) for r in summaries[(mixture, m)])]
+            cells = [
+                " / ".join(last_quarter(summaries[m], f"cds/{t}/{k}") for k in ("q_own", "q_routed", "routed_fraction"))
+                for t in TASKS
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += pair_table(
+        methods,
+        summaries,
+        lambda src, dst: f"relabel/{src}_to_{dst}/added_fraction",
+        "HCSAC: share of each source task's whole dataset added to each target task at the heuristic relabelling",
+    )
+    brac = [m for m in methods if any(f"brac/{TASKS[0]}/kl" in r.get("diagnostics", {}) for r in summaries[m])]
     if brac:
-        lines += ["\nD_KL(π ‖ π_β) per task (the actor against the behaviour model of the data the task trains on), "
-                  "mean over the last quarter of training:\n",
-                  "| method | " + " | ".join(TASKS) + " |", "|---" * (1 + len(TASKS)) + "|"]
+        lines += [
+            (
+                "\nD_KL(π ‖ π_β) per task (the actor against the behaviour model of the data the task trains on), "
+                "mean over the last quarter of training:\n"
+            ),
+            "| method | " + " | ".join(TASKS) + " |",
+            "|---" * (1 + len(TASKS)) + "|",
+        ]
         for m in brac:
-            lines.append(f"| {m} | " + " | ".join(late(summaries[(mixture, m)], f"brac/{t}/kl") for t in TASKS) + " |")
+            lines.append(f"| {m} | " + " | ".join(last_quarter(summaries[m], f"brac/{t}/kl") for t in TASKS) + " |")
     return lines
 
 
 LATE_EVALS = 5
 
 
+def late_scores(runs):
+    """Each run's average normalised score (over tasks) averaged over its last LATE_EVALS evaluations."""
+    return [
+        np.mean([e[t]["normalized_score"] for e in r["evals"][-LATE_EVALS:] for t in TASKS])
+        for r in runs
+        if r.get("evals")
+    ]
+
+
 def late_table(methods, runs_of_methods):
     """Returns averaged over each run's last LATE_EVALS evaluations: steadier than one final evaluation
     when the policy still swings from one evaluation to the next."""
-    lines = [f"\nMean over the last {LATE_EVALS} evaluations of each run, then mean ± std over seeds:\n",
-             "| method | " + " | ".join(TASKS) + " | average | avg. normalised |", "|---" * (3 + len(TASKS)) + "|"]
+    lines = [
+        f"\nMean over the last {LATE_EVALS} evaluations of each run, then mean ± std over seeds:\n",
+        "| method | " + " | ".join(TASKS) + " | average | avg. normalised |",
+        "|---" * (3 + len(TASKS)) + "|",
+    ]
     for method, runs in zip(methods, runs_of_methods):
         late = [r["evals"][-LATE_EVALS:] for r in runs if r.get("evals")]
         row = [method] + [mean_std([np.mean([e[t]["return"] for e in evals]) for evals in late]) for t in TASKS]
-        row += [mean_std([np.mean([e[t]["return"] for e in evals for t in TASKS]) for evals in late]),
-                mean_std([np.mean([e[t]["normalized_score"] for e in evals for t in TASKS]) for evals in late])]
+        row += [
+            mean_std([np.mean([e[t]["return"] for e in evals for t in TASKS]) for evals in late]),
+            mean_std(late_scores(runs)),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -260,23 +414,22 @@ def report(args):
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}
     for method, mixture, seed in grid(args):
-        _, run_dir = command(method, mixture, seed, args)
+        cmd, run_dir = command(method, mixture, seed, args)
         path = os.path.join(run_dir, "summary.json")
         saved = os.path.join(out_dir, f"{method}__{mixture}__{seed}.json")
         if os.path.exists(path):
-            summary = json.load(open(path))
-            if not summary.get("finished"):
+            summary = read_json(path)
+            if not is_finished(summary, planned_steps(cmd, args.budget)):
                 print(f"skipped (not finished): {run_dir}")
                 continue
             summary["diagnostics"] = tensorboard_diagnostics(run_dir)
-            cmd = command(method, mixture, seed, args)[0]
             summary["command"] = shlex.join(["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]])
             text = json.dumps(summary, indent=1).replace(ROOT + os.sep, "")  # repository-relative paths
             with open(saved, "w") as f:
                 f.write(text)
             summary = json.loads(text)
         elif os.path.exists(saved):  # committed earlier
-            summary = json.load(open(saved))
+            summary = read_json(saved)
         else:
             continue
         summaries.setdefault((mixture, method), []).append(summary)
@@ -286,21 +439,32 @@ def report(args):
         methods = [m for m in (args.methods or GRID[mixture]) if (mixture, m) in summaries]
         if not methods:
             continue
-        lines += [f"\n## {mixture}\n", "Return at the end of training (final) and at the evaluation with the best average normalised score, "
-                  "mean ± std over seeds; normalised score 0 = random policy, 100 = the dataset's expert policy.\n",
-                  "| method | seeds | steps | " + " | ".join(f"{t} final" for t in TASKS) +
-                  " | average final | average at the best evaluation | avg. normalised final |", "|---" * (6 + len(TASKS)) + "|"]
+        lines += [
+            f"\n## {mixture}\n",
+            (
+                "Return at the end of training (final) and at the evaluation with the best average normalised score, "
+                "mean ± std over seeds; normalised score 0 = random policy, 100 = the dataset's expert policy.\n"
+            ),
+            "| method | seeds | steps | "
+            + " | ".join(f"{t} final" for t in TASKS)
+            + " | average final | average at the best evaluation | avg. normalised final |",
+            "|---" * (6 + len(TASKS)) + "|",
+        ]
         for method in methods:
             runs = summaries[(mixture, method)]
             finals = [r["final"] for r in runs if r.get("final")]
             row = [method, str(len(runs)), ", ".join(sorted({str(r["steps_done"]) for r in runs}))]
             row += [mean_std([f[t]["return"] for f in finals]) for t in TASKS]
-            row += [mean_std([f["average_return"] for f in finals]),
-                    mean_std([r["best"]["average_return"] for r in runs if r.get("best")]),
-                    mean_std([f["average_normalized_score"] for f in finals])]
+            row += [
+                mean_std([f["average_return"] for f in finals]),
+                mean_std([r["best"]["average_return"] for r in runs if r.get("best")]),
+                mean_std([f["average_normalized_score"] for f in finals]),
+            ]
             lines.append("| " + " | ".join(row) + " |")
         lines += late_table(methods, [summaries[(mixture, m)] for m in methods])
         lines += diagnostics_tables(mixture, methods, summaries)
+        if plot_scores(summaries, mixture, methods, os.path.join(out_dir, f"scores_{mixture}.png")):
+            lines.append(f"\n![average normalised score of each seed, {mixture}](scores_{mixture}.png)")
         plot_curves(summaries, mixture, methods, os.path.join(out_dir, f"curves_{mixture}.png"))
         lines.append(f"\n![learning curves, {mixture}](curves_{mixture}.png)\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -308,11 +472,72 @@ def report(args):
     print(f"wrote {out_dir}/results.md")
 
 
-def plot_curves(summaries, mixture, methods, path):
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+# the score figure's panels: a method belongs to its script's family; x order none / all / CDS (or HCSAC)
+FAMILIES = {
+    "CQL": ("cql_mt_noshare", "cql_mt_shareall", "cql_mt_cds"),
+    "BRAC": ("brac_mt_cds",),
+    "HCSAC / MTCSAC": ("hcsac",),
+}
+
+
+def sharing_rank(method):
+    return 0 if "noshare" in method or method.startswith("mtcsac") else 1 if "shareall" in method else 2
+
+
+def plot_scores(summaries, mixture, methods, path):
+    """The paper's question at a glance: one panel per method family, each seed's average normalised score over
+    its last LATE_EVALS evaluations a dot, the mean over seeds a bar, the random policy (0) a line. Returns
+    whether a figure was written (no family present: none)."""
+    panels = []
+    for family, scripts in FAMILIES.items():
+        members = [m for m in methods if {**METHODS, **SWEEPS}[m][0] in scripts]
+        if members:
+            panels.append((family, sorted(members, key=sharing_rank)))  # stable: the grid's order within a rank
+    if not panels:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(max(1.3 + 1.25 * sum(len(m) for _, m in panels), 5.5), 4.0),
+        sharey=True,
+        squeeze=False,
+        gridspec_kw={"width_ratios": [len(m) for _, m in panels]},
+    )
+    for ax, (family, members) in zip(axes[0], panels):
+        ax.axhline(0.0, color="gray", linestyle="--", linewidth=1, label="random policy")
+        for x, method in enumerate(members):
+            scores = late_scores(summaries[(mixture, method)])
+            offsets = np.linspace(-0.12, 0.12, len(scores)) if len(scores) > 1 else [0.0]
+            ax.scatter(x + np.asarray(offsets), scores, s=22, color=f"C{x}", zorder=3)
+            ax.hlines(np.mean(scores), x - 0.3, x + 0.3, color="black", linewidth=2, zorder=4)
+        ax.set_xticks(range(len(members)), members, rotation=20, fontsize=8)
+        ax.set_xlim(-0.6, len(members) - 0.4)
+        ax.set_title(family)
+    axes[0][0].set_ylabel("avg. normalised score")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        f"{mixture}: average normalised score over each run's last {LATE_EVALS} evaluations\n"
+        "one dot per seed, bar = mean over seeds; 0 = random policy, 100 = expert",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(summaries, mixture, methods, path):
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
     for ax, task in zip(axes, TASKS):

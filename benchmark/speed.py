@@ -10,6 +10,7 @@ torch.utils.flop_counter on the same code (matrix products: forward, backward an
 samples), and set against this machine's measured matrix-multiply throughput.
 Not a test: results go to benchmark/speed_results.{json,md}.
 """
+
 import contextlib
 import importlib.util
 import io
@@ -71,8 +72,16 @@ def run_main(module, steps, **overrides):
     """Run the script's main for `steps` updates without evaluation; returns its printed output."""
     module.evaluate = lambda actor, tasks, episodes, *a, **k: {t: torch.zeros(episodes).numpy() for t in tasks}
     names = module.Args.__dataclass_fields__
-    fields = {"total_steps": steps, "eval_freq": 10**9, "checkpoint_freq": 10**9, "log_freq": max(steps // 2, 1),
-              "exp_name": "speed", "behavior_warmup_steps": 0, "actor_warmup_steps": 0, **overrides}
+    fields = {
+        "total_steps": steps,
+        "eval_freq": 10**9,
+        "checkpoint_freq": 10**9,
+        "log_freq": max(steps // 2, 1),
+        "exp_name": "speed",
+        "behavior_warmup_steps": 0,
+        "actor_warmup_steps": 0,
+        **overrides,
+    }
     if "epochs" in names:  # hcsac counts epochs of steps_per_epoch updates
         fields.pop("total_steps")
         fields.update(epochs=2, steps_per_epoch=max(steps // 2, 1), eval_every_epochs=10**6)
@@ -107,21 +116,41 @@ def worker(spec, device_name, steps):
 
 
 def main(args: Args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     if args.worker:
         return worker(args.worker, device.type, args.steps)
     peak = {"fp32": matmul_throughput(device, torch.float32), "bf16": matmul_throughput(device, torch.bfloat16)}
-    machine = (torch.cuda.get_device_name() if device.type == "cuda" else
-               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"{machine}: matmul {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} GFLOP/s bf16")
     rows = []
     for script in args.scripts:
         if not os.path.exists(os.path.join(ROOT, script + ".py")):
             continue
         for path in args.paths:
-            out = subprocess.run([sys.executable, __file__, "--worker", f"{script}:{path}", "--steps", str(args.steps),
-                                  "--device", device.type], capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    f"{script}:{path}",
+                    "--steps",
+                    str(args.steps),
+                    "--device",
+                    device.type,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 print(f"{script} {path}: failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
@@ -131,19 +160,33 @@ def main(args: Args):
             row["achieved_gflops"] = row["sps"] * row["flops_per_step"] / 1e9
             row["fraction_of_matmul_peak"] = row["achieved_gflops"] * 1e9 / ref
             rows.append(row)
-            print(f"{script:16s} {path:8s} {row['sps']:7.2f} updates/s  {row['gflop_per_step']:6.1f} GFLOP/update  "
-                  f"{row['achieved_gflops']:6.0f} GFLOP/s = {100 * row['fraction_of_matmul_peak']:.0f}% of matmul peak")
-    result = {"machine": machine, "device": device.type, "torch": torch.__version__, "steps": args.steps,
-              "matmul_gflops": {k: v / 1e9 for k, v in peak.items()}, "rows": rows}
+            print(
+                f"{script:16s} {path:8s} {row['sps']:7.2f} updates/s  {row['gflop_per_step']:6.1f} GFLOP/update  "
+                f"{row['achieved_gflops']:6.0f} GFLOP/s = {100 * row['fraction_of_matmul_peak']:.0f}% of matmul peak"
+            )
+    result = {
+        "machine": machine,
+        "device": device.type,
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "matmul_gflops": {k: v / 1e9 for k, v in peak.items()},
+        "rows": rows,
+    }
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(args.out + ".md", "w") as f:
-        f.write(f"Machine: {machine}; torch {torch.__version__}; matmul peak {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, "
-                f"{peak['bf16'] / 1e9:.0f} GFLOP/s bf16.\n\n")
-        f.write("| script | path | updates/s | GFLOP/update | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|\n")
+        f.write(
+            f"Machine: {machine}; torch {torch.__version__}; matmul peak {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+            f"{peak['bf16'] / 1e9:.0f} GFLOP/s bf16.\n\n"
+        )
+        f.write(
+            "| script | path | updates/s | GFLOP/update | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|\n"
+        )
         for r in rows:
-            f.write(f"| {r['script']} | {r['path']} | {r['sps']:.2f} | {r['gflop_per_step']:.1f} | "
-                    f"{r['achieved_gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f} |\n")
+            f.write(
+                f"| {r['script']} | {r['path']} | {r['sps']:.2f} | {r['gflop_per_step']:.1f} | "
+                f"{r['achieved_gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f} |\n"
+            )
     print(f"wrote {args.out}.json and .md")
 
 

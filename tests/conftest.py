@@ -1,4 +1,5 @@
 """Shared fixtures: the scripts imported as modules, and small real datasets made in a temp folder."""
+
 import importlib.util
 import os
 import subprocess
@@ -16,9 +17,9 @@ SCRIPTS = ["cql_mt_noshare", "cql_mt_shareall", "cql_mt_cds", "brac_mt_cds", "hc
 PRESENT = [s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, s + ".py"))]
 
 
-def load_module(name):
+def load_module(name, path=None):
     """Import a top-level script by file name (each one stands alone)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
+    spec = importlib.util.spec_from_file_location(name, path or os.path.join(ROOT, name + ".py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -35,8 +36,9 @@ def random_walk_dataset(task, n_steps, seed, scale=1.0):
     collect = load_module("collect_datasets")
     env = collect.make_env(task)
     rng = np.random.default_rng(seed)
-    data, _ = collect.run_episodes(env, lambda o: scale * rng.uniform(-1, 1, 6).astype(np.float32),
-                                   n_steps=n_steps, seed=seed)
+    data, _ = collect.run_episodes(
+        env, lambda o: scale * rng.uniform(-1, 1, 6).astype(np.float32), n_steps=n_steps, seed=seed
+    )
     return data
 
 
@@ -56,5 +58,11 @@ def small_datasets(tmp_path_factory):
 def run_script(script, *flags, cwd, timeout=600):
     """Run a script as a user would; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script + ".py"), *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script + ".py"), *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

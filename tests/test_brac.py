@@ -1,4 +1,6 @@
 """BRAC + CDS: the KL estimate, the behaviour model, the losses, the sharing rules, smoke runs, resume, bad input."""
+
+import dataclasses
 import json
 import math
 import os
@@ -15,9 +17,26 @@ from conftest import ROOT, run_script
 
 SCRIPT = "brac_mt_cds"
 TASKS = ("run_forward", "run_backward", "jump")
-TINY = ["--hidden-dim", "32", "--n-hidden", "2", "--batch-size", "32", "--cds-candidates", "32",
-        "--behavior-warmup-steps", "20", "--actor-warmup-steps", "10", "--eval-episodes", "1", "--log-freq", "10",
-        "--device", "cpu"]
+TINY = [
+    "--hidden-dim",
+    "32",
+    "--n-hidden",
+    "2",
+    "--batch-size",
+    "32",
+    "--cds-candidates",
+    "32",
+    "--behavior-warmup-steps",
+    "20",
+    "--actor-warmup-steps",
+    "10",
+    "--eval-episodes",
+    "1",
+    "--log-freq",
+    "10",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +67,18 @@ def gaussian_kl(mean_p, log_std_p, mean_b, log_std_b):
 
 # ---------------------------------------------------------------- the divergence D(s) = KL(pi || pi_beta)
 def test_kl_estimate_matches_the_closed_form_for_gaussians(m):
-    mean_p, log_std_p = torch.tensor([0.3, -0.5, 1.0, 0.0, 0.2, -1.0]), torch.tensor([-0.5, -1.0, 0.0, -0.3, -0.7, -0.2])
-    mean_b, log_std_b = torch.tensor([0.0, 0.0, 0.5, 0.4, -0.3, -0.5]), torch.tensor([-0.2, -0.6, -0.4, 0.0, -1.0, -0.5])
-    actor, behavior = constant_gaussian(m.Actor, mean_p, log_std_p), constant_gaussian(m.BehaviorModel, mean_b, log_std_b)
+    mean_p, log_std_p = (
+        torch.tensor([0.3, -0.5, 1.0, 0.0, 0.2, -1.0]),
+        torch.tensor([-0.5, -1.0, 0.0, -0.3, -0.7, -0.2]),
+    )
+    mean_b, log_std_b = (
+        torch.tensor([0.0, 0.0, 0.5, 0.4, -0.3, -0.5]),
+        torch.tensor([-0.2, -0.6, -0.4, 0.0, -1.0, -0.5]),
+    )
+    actor, behavior = (
+        constant_gaussian(m.Actor, mean_p, log_std_p),
+        constant_gaussian(m.BehaviorModel, mean_b, log_std_b),
+    )
     obs, ids = torch.randn(4, 17), torch.tensor([0, 1, 2, 0])
     exact = gaussian_kl(mean_p, log_std_p, mean_b, log_std_b).item()
     torch.manual_seed(0)
@@ -68,9 +96,18 @@ def test_kl_estimate_matches_the_closed_form_for_gaussians(m):
 def test_kl_of_tanh_gaussians_equals_the_kl_of_their_gaussians(m):
     """KL is invariant under a shared bijection: scoring tanh-space samples with both tanh-Gaussians'
     full log-densities (Jacobians included) gives the Gaussians' KL, sample by sample."""
-    mean_p, log_std_p = torch.tensor([0.3, -0.5, 0.5, 0.0, 0.2, -0.4]), torch.tensor([-0.5, -1.0, -0.6, -0.8, -0.7, -0.9])
-    mean_b, log_std_b = torch.tensor([0.0, 0.1, 0.2, 0.4, -0.3, -0.5]), torch.tensor([-0.2, -0.6, -0.4, -0.5, -1.0, -0.5])
-    actor, behavior = constant_gaussian(m.Actor, mean_p, log_std_p), constant_gaussian(m.BehaviorModel, mean_b, log_std_b)
+    mean_p, log_std_p = (
+        torch.tensor([0.3, -0.5, 0.5, 0.0, 0.2, -0.4]),
+        torch.tensor([-0.5, -1.0, -0.6, -0.8, -0.7, -0.9]),
+    )
+    mean_b, log_std_b = (
+        torch.tensor([0.0, 0.1, 0.2, 0.4, -0.3, -0.5]),
+        torch.tensor([-0.2, -0.6, -0.4, -0.5, -1.0, -0.5]),
+    )
+    actor, behavior = (
+        constant_gaussian(m.Actor, mean_p, log_std_p),
+        constant_gaussian(m.BehaviorModel, mean_b, log_std_b),
+    )
     obs, ids = torch.randn(3, 17), torch.tensor([0, 1, 2])
     torch.manual_seed(0)
     kl, u, log_pi = m.kl_estimate(actor, behavior, obs, ids, 20_000)
@@ -133,9 +170,15 @@ def brac_setup(m, **args):
     with torch.no_grad():  # Q = Q' = 0 everywhere, so y and the losses reduce to their penalties
         for p in [*critic.parameters(), *target.parameters()]:
             p.zero_()
-    batch = {"obs": torch.randn(3, 8, 17), "actions": torch.rand(3, 8, 6) * 2 - 1, "next_obs": torch.randn(3, 8, 17),
-             "rewards": torch.randn(3, 8), "terminals": (torch.arange(8) % 3 == 0).float().expand(3, 8),
-             "task_ids": torch.arange(3)[:, None].expand(3, 8), "weights": (torch.arange(8) < 5).float().expand(3, 8)}
+    batch = {
+        "obs": torch.randn(3, 8, 17),
+        "actions": torch.rand(3, 8, 6) * 2 - 1,
+        "next_obs": torch.randn(3, 8, 17),
+        "rewards": torch.randn(3, 8),
+        "terminals": (torch.arange(8) % 3 == 0).float().expand(3, 8),
+        "task_ids": torch.arange(3)[:, None].expand(3, 8),
+        "weights": (torch.arange(8) < 5).float().expand(3, 8),
+    }
     return actor, critic, target, behavior, batch, m.Args(kl_samples=3, **args)
 
 
@@ -157,7 +200,7 @@ def test_brac_losses_implement_the_value_penalty(m, penalty_only):
     # y = r + gamma (1 - d) (Q' - alpha_i D(s')) with Q' = 0, alpha_i of the row's task; BRAC-p: y = r
     penalty = 0.0 if penalty_only else args.gamma * (1 - batch["terminals"]) * alpha[:, None] * next_kl
     y = batch["rewards"] - penalty
-    torch.testing.assert_close(losses["critic"], mean(2 * y ** 2))  # both critics, Q = 0
+    torch.testing.assert_close(losses["critic"], mean(2 * y**2))  # both critics, Q = 0
     torch.testing.assert_close(losses["actor"], mean(alpha[:, None] * kl))  # alpha D(s) - Q, Q = 0, BRAC-v and -p
     log_beta = behavior.log_prob(batch["obs"], batch["task_ids"], batch["actions"]).detach()
     torch.testing.assert_close(losses["behavior"], -mean(log_beta))  # fitted on exactly the weighted batch
@@ -202,10 +245,14 @@ def test_alpha_loss_moves_each_task_alpha_toward_its_target_kl(m):
 def fake_buffer(sizes):
     n = sum(sizes)
     source = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)])
-    return {"obs": torch.arange(n, dtype=torch.float32)[:, None].expand(n, 17).clone(),
-            "next_obs": torch.zeros(n, 17), "actions": torch.zeros(n, 6),
-            "rewards_all": torch.arange(n * 3, dtype=torch.float32).reshape(n, 3), "terminals_all": torch.zeros(n, 3),
-            "source": torch.tensor(source)}
+    return {
+        "obs": torch.arange(n, dtype=torch.float32)[:, None].expand(n, 17).clone(),
+        "next_obs": torch.zeros(n, 17),
+        "actions": torch.zeros(n, 6),
+        "rewards_all": torch.arange(n * 3, dtype=torch.float32).reshape(n, 3),
+        "terminals_all": torch.zeros(n, 3),
+        "source": torch.tensor(source),
+    }
 
 
 def test_cds_route_percentile_and_basic(m):
@@ -261,25 +308,47 @@ def test_sample_batch_for_each_share_mode(m):
         rows = batch["obs"][i, :, 0].long()
         assert set(buf["source"][rows].tolist()) == {0, 1, 2}
         torch.testing.assert_close(batch["rewards"][i], (rows * 3 + i).float())
-    assert stats["sharing/run_forward_to_jump"].item() == pytest.approx(0.5, abs=0.03)
-    assert stats["sharing/jump_to_run_forward"].item() == pytest.approx(0.2, abs=0.03)
+    # the share of each task's batch drawn from each other task's data: that data's share of all the data
+    assert stats["batch/jump/from_run_forward"].item() == pytest.approx(0.5, abs=0.03)
+    assert stats["batch/run_forward/from_jump"].item() == pytest.approx(0.2, abs=0.03)
+    assert len(stats) == 6 and all(key.startswith("batch/") for key in stats)
     batch, stats = m.sample_batch(buf, starts, sizes, critic, m.Args(batch_size=2000, cds_candidates=2000))
     weights, rows = batch["weights"], batch["obs"][..., 0].long()
     assert (weights[:, :2000] == 1).all()  # the own batch is always trained on
     assert (weights[0, 2000:] == 1).all()  # task 0 (median ~24.5): every candidate (indices >= 50) routed
     assert (weights[2, 2000:] == 0).all()  # task 2 (median ~89.5): none of indices < 80 routed
     assert ((weights[1, 2000:] == 1) == (rows[1, 2000:] >= 80)).all()  # task 1: task 2's routed, task 0's not
-    assert stats["sharing/jump_to_run_backward"].item() == 1.0
-    assert stats["sharing/run_forward_to_run_backward"].item() == 0.0
+    # the CDS paper's "CDS weights": the fraction of src's candidates routed to dst
+    assert stats["cds/jump_to_run_backward/routed_fraction"].item() == 1.0
+    assert stats["cds/run_forward_to_run_backward/routed_fraction"].item() == 0.0
     assert stats["cds/run_forward/routed_fraction"].item() == 1.0
+    # the share of run_backward's training batch (own + routed) that came from each other task
+    routed = weights[1, 2000:].sum().item()
+    assert 0 < routed < 2000
+    assert stats["batch/run_backward/from_jump"].item() == pytest.approx(routed / (2000 + routed))
+    assert stats["batch/run_backward/from_run_forward"].item() == 0.0
+    assert not [key for key in stats if key.startswith("sharing/")]
     torch.testing.assert_close(batch["rewards"][1], (rows[1] * 3 + 1).float())
 
 
 # ---------------------------------------------------------------- smoke runs
 @pytest.mark.parametrize("share", ["none", "all", "cds"])
 def test_smoke_run_reaches_the_updates(m, share, small_datasets, tmp_path):
-    out = run_script(SCRIPT, "--datasets", *small_datasets, "--share", share, "--total-steps", "40",
-                     "--eval-freq", "40", "--checkpoint-freq", "20", *TINY, cwd=tmp_path)
+    out = run_script(
+        SCRIPT,
+        "--datasets",
+        *small_datasets,
+        "--share",
+        share,
+        "--total-steps",
+        "40",
+        "--eval-freq",
+        "40",
+        "--checkpoint-freq",
+        "20",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "behaviour warm-up 20/20" in out.stdout and "step 40/40" in out.stdout
     run_dir = tmp_path / "runs" / f"{SCRIPT}__custom__1"
@@ -288,20 +357,48 @@ def test_smoke_run_reaches_the_updates(m, share, small_datasets, tmp_path):
     for task in TASKS:  # the latest D_KL(pi, pi_beta) of each task, in every evaluation record
         assert math.isfinite(summary["final"][task]["kl"]) and math.isfinite(summary["final"][task]["return"])
         assert summary["final"][task]["alpha"] == 1.0  # fixed at --alpha without --target-kl
-    tags = ["losses/critic_loss", "losses/actor_loss", "losses/behavior_loss", "losses/kl", "losses/q_data",
-            "losses/entropy", "losses/behavior_log_likelihood", "charts/SPS", "eval/jump/return",
-            "eval/average_return", "eval/average_normalized_score", "warmup/behavior_log_likelihood"]
+    tags = [
+        "losses/critic_loss",
+        "losses/actor_loss",
+        "losses/behavior_loss",
+        "losses/kl",
+        "losses/q_data",
+        "losses/entropy",
+        "losses/behavior_log_likelihood",
+        "charts/SPS",
+        "eval/jump/return",
+        "eval/average_return",
+        "eval/average_normalized_score",
+        "warmup/behavior_log_likelihood",
+    ]
     tags += [f"brac/{task}/{key}" for task in TASKS for key in ("kl", "behavior_log_likelihood")]
-    tags += {"none": [], "all": ["sharing/run_forward_to_jump"],
-             "cds": ["sharing/run_forward_to_jump", "cds/jump/q_own", "cds/jump/q_routed", "cds/jump/routed_fraction"]}[share]
+    tags += [f"brac/{task}/{key}" for task in TASKS for key in ("q_data", "alpha")]
+    tags += {
+        "none": [],
+        "all": ["batch/jump/from_run_forward"],
+        "cds": [
+            "batch/jump/from_run_forward",
+            "cds/run_forward_to_jump/routed_fraction",
+            "cds/jump/q_own",
+            "cds/jump/q_routed",
+            "cds/jump/routed_fraction",
+        ],
+    }[share]
     for tag in tags:
         assert scalars(run_dir, tag), tag
     assert [s for s, _ in scalars(run_dir, "losses/critic_loss")] == [10, 20, 30, 40]
-    if share == "none":
-        assert not scalars(run_dir, "sharing/run_forward_to_jump")
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    logged = acc.Tags()["scalars"]
+    assert not [tag for tag in logged if tag.startswith("sharing/")]  # the old key of three meanings is gone
+    assert "losses/kl_alpha_loss" not in logged  # alpha is fixed without --target-kl
+    if share == "none":  # no other task's data in any batch
+        assert not [tag for tag in logged if tag.startswith(("batch/", "cds/"))]
+    if share == "all":
+        assert not [tag for tag in logged if tag.startswith("cds/")]
     # every optimiser stepped, and the networks moved away from their initialisation
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 40 and ckpt["behavior_step"] == 20
+    assert ckpt["step"] == 40 and ckpt["warmup"] == {"step": 20} and ckpt["warnings"] == []
     for key, steps in (("actor_optim", 40), ("critic_optim", 40), ("behavior_optim", 60)):
         assert all(s["step"].item() == steps for s in ckpt[key]["state"].values()), key
     torch.manual_seed(1)  # the script's construction order under --seed 1
@@ -316,8 +413,25 @@ def test_smoke_run_reaches_the_updates(m, share, small_datasets, tmp_path):
 
 def test_target_kl_learns_each_task_alpha(small_datasets, tmp_path):
     # a target far below pi's D_KL: every task's alpha must grow from --alpha, once the actor's warm-up is over
-    out = run_script(SCRIPT, "--datasets", *small_datasets, "--share", "cds", "--total-steps", "40", "--eval-freq", "20",
-                     "--target-kl", "0.001", "--alpha", "0.5", "--alpha-lr", "0.01", *TINY, cwd=tmp_path)
+    out = run_script(
+        SCRIPT,
+        "--datasets",
+        *small_datasets,
+        "--share",
+        "cds",
+        "--total-steps",
+        "40",
+        "--eval-freq",
+        "20",
+        "--target-kl",
+        "0.001",
+        "--alpha",
+        "0.5",
+        "--alpha-lr",
+        "0.01",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "runs" / f"{SCRIPT}__custom__1"
     summary = json.load(open(run_dir / "summary.json"))
@@ -325,7 +439,8 @@ def test_target_kl_learns_each_task_alpha(small_datasets, tmp_path):
         alphas = [e[task]["alpha"] for e in summary["evals"]]
         assert 0.5 < alphas[0] < alphas[1], (task, alphas)
         assert [s for s, _ in scalars(run_dir, f"brac/{task}/alpha")] == [10, 20, 30, 40]
-    assert scalars(run_dir, "losses/alpha_loss")
+    # the dual loss of alpha, logged once the actor's warm-up is over (step 10 is its last update)
+    assert [s for s, _ in scalars(run_dir, "losses/kl_alpha_loss")] == [20, 30, 40]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     # 40 steps, of which the 10 of the actor's warm-up do not train alpha
     assert [s["step"].item() for s in ckpt["alpha_optim"]["state"].values()] == [30]
@@ -346,7 +461,7 @@ def test_resume_continues_the_run_exactly(small_datasets, tmp_path, extra):
     assert "behaviour warm-up" not in rest.stdout  # pi_beta's warm-up is not repeated
     a = torch.load(tmp_path / "runs/straight__custom__1/checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "runs/split__custom__1/checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 40 and a["behavior_step"] == b["behavior_step"] == 20
+    assert a["step"] == b["step"] == 40 and a["warmup"] == b["warmup"] == {"step": 20}
     for key in ("actor", "critic", "critic_target", "behavior"):
         for name, value in a[key].items():
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=0)
@@ -354,9 +469,30 @@ def test_resume_continues_the_run_exactly(small_datasets, tmp_path, extra):
     summary = json.load(open(tmp_path / "runs/split__custom__1/summary.json"))
     assert [e["step"] for e in summary["evals"]] == [20, 40]
     # a run is continued with the data-sharing rule it was trained with
-    other = run_script(SCRIPT, *flags, "--total-steps", "60", "--exp-name", "split", "--resume", "--share", "none",
-                       cwd=tmp_path)
+    other = run_script(
+        SCRIPT, *flags, "--total-steps", "60", "--exp-name", "split", "--resume", "--share", "none", cwd=tmp_path
+    )
     assert other.returncode == 2 and "was trained with --share cds, not none" in other.stderr
+    assert torch.load(tmp_path / "runs/split__custom__1/checkpoint.pt", weights_only=False)["step"] == 40  # untouched
+    if not extra:  # alpha learned from here on starts at --alpha, not at the fixed alpha the run had
+        more = run_script(
+            SCRIPT,
+            *flags,
+            "--total-steps",
+            "50",
+            "--exp-name",
+            "split",
+            "--resume",
+            "--target-kl",
+            "0.5",
+            "--alpha",
+            "0.5",
+            cwd=tmp_path,
+        )
+        assert more.returncode == 0, more.stderr
+        for task in TASKS:
+            alphas = dict(scalars(tmp_path / "runs/split__custom__1", f"brac/{task}/alpha"))
+            assert alphas[40] == 1.0 and alphas[50] == pytest.approx(0.5, abs=0.05), (task, alphas)
 
 
 def test_over_estimation_is_reported_once_per_task_and_the_checkpoint_before_it_kept(small_datasets, tmp_path):
@@ -383,25 +519,78 @@ def test_over_estimation_is_reported_once_per_task_and_the_checkpoint_before_it_
 
 def test_ctrl_c_in_the_behaviour_warm_up_saves_a_checkpoint_that_resumes(small_datasets, tmp_path):
     flags = ["--datasets", *small_datasets, "--eval-freq", "100000", *TINY]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPT + ".py"), *flags, "--behavior-warmup-steps", "100000",
-                             "--total-steps", "100000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:  # wait until the warm-up is under way
-        if line.startswith("behaviour warm-up 10/"):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, SCRIPT + ".py"),
+            *flags,
+            "--behavior-warmup-steps",
+            "100000",
+            "--total-steps",
+            "100000",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    for line in proc.stdout:  # wait until the warm-up is under way: its first progress line comes after about 5 s
+        if line.startswith("behaviour warm-up "):
             break
+    shown = int(line.split()[2].split("/")[0])
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "interrupted in behaviour warm-up step" in stdout and "checkpoint saved" in stdout
+    assert "interrupted at behaviour warm-up " in stdout and "checkpoint saved" in stdout
     ckpt = torch.load(tmp_path / f"runs/{SCRIPT}__custom__1/checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 0 and ckpt["behavior_step"] >= 10
-    done = ckpt["behavior_step"] + 5
-    out = run_script(SCRIPT, *flags, "--behavior-warmup-steps", str(done), "--total-steps", "5", "--resume", cwd=tmp_path)
+    assert ckpt["step"] == 0 and 0 < shown <= ckpt["warmup"]["step"] < 100_000
+    done = ckpt["warmup"]["step"] + 5
+    out = run_script(
+        SCRIPT, *flags, "--behavior-warmup-steps", str(done), "--total-steps", "5", "--resume", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert f"behaviour warm-up {done}/{done}" in out.stdout and "done: 5 steps" in out.stdout
     ckpt = torch.load(tmp_path / f"runs/{SCRIPT}__custom__1/checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 5 and ckpt["behavior_step"] == done
+    assert ckpt["step"] == 5 and ckpt["warmup"]["step"] == done
     assert all(s["step"].item() == done + 5 for s in ckpt["behavior_optim"]["state"].values())
+
+
+def test_a_progress_line_comes_before_log_freq_steps(small_datasets, tmp_path):
+    """Progress follows wall time: a line about 5 s into training, long before --log-freq steps; Ctrl-C then saves."""
+    flags = ["--datasets", *small_datasets, *TINY, "--log-freq", "1000000", "--eval-freq", "1000000"]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, SCRIPT + ".py"), *flags, "--total-steps", "1000000"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    shown = int(line.split()[1].split("/")[0])
+    assert line.split()[1].endswith("/1000000") and 0 < shown < 1_000_000, line
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step " in stdout and "checkpoint saved" in stdout
+    run_dir = tmp_path / "runs" / f"{SCRIPT}__custom__1"
+    assert not scalars(run_dir, "losses/critic_loss")  # no --log-freq step was reached
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert shown <= ckpt["step"] < 1_000_000 and ckpt["warmup"] == {"step": 20}
+    total = ckpt["step"] + 3
+    out = run_script(SCRIPT, *flags, "--total-steps", str(total), "--resume", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"resumed {SCRIPT}__custom__1 at step {ckpt['step']}" in out.stdout and f"done: {total} steps" in out.stdout
+    assert f"step {total}/{total}" in out.stdout  # a progress line at the last step
+
+
+def test_every_numeric_flag_has_an_interval(m):
+    numeric = {f.name for f in dataclasses.fields(m.Args) if f.type in (int, float, float | None)}
+    assert numeric == set(m.LIMITS)
+    assert not hasattr(m.Args(), "reference")  # the reference returns are read from data/reference.json
 
 
 # ---------------------------------------------------------------- bad input: one line, non-zero exit
@@ -411,9 +600,17 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         (["--tasks", "run_forward", "fly"], "unknown task 'fly'"),
         (["--datasets", str(tmp_path / "missing.npz"), *small_datasets[1:]], "dataset file not found"),
         (["--tasks", "run_forward", "--datasets", small_datasets[0]], "at least two --tasks"),
-        (["--datasets", *small_datasets, "--alpha", "-1"], "--alpha must be zero or positive, got -1.0"),
-        (["--datasets", *small_datasets, "--target-kl", "0"], "--target-kl learns alpha from --alpha at --alpha-lr"),
-        (["--datasets", *small_datasets, "--target-kl", "1", "--alpha", "0"], "all three must be positive"),
+        (["--datasets", *small_datasets, "--alpha", "-1"], "--alpha must lie in [0, inf), got -1.0"),
+        (["--datasets", *small_datasets, "--target-kl", "0"], "--target-kl must lie in (0, inf), got 0.0"),
+        (["--datasets", *small_datasets, "--target-kl", "1", "--alpha", "0"], "--target-kl learns log alpha"),
+        (["--cds-percentile", "150"], "--cds-percentile must lie in [0, 100], got 150.0"),
+        (["--cds-percentile", "-5"], "--cds-percentile must lie in [0, 100], got -5.0"),
+        (["--cds-percentile", "nan"], "--cds-percentile must lie in [0, 100], got nan"),
+        (["--cds-candidates", "0"], "--cds-candidates must lie in [1, inf), got 0"),
+        (["--tau", "0"], "--tau must lie in (0, 1], got 0.0"),
+        (["--gamma", "1"], "--gamma must lie in [0, 1), got 1.0"),
+        (["--alpha-lr", "0"], "--alpha-lr must lie in (0, inf), got 0.0"),
+        (["--behavior-lr", "-1"], "--behavior-lr must lie in (0, inf), got -1.0"),
     ]
     for flags, message in cases:
         out = run_script(SCRIPT, *flags, cwd=tmp_path)
@@ -421,3 +618,4 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (flags, out.stderr)
         assert "Traceback" not in out.stderr
+        assert not (tmp_path / "runs").exists(), flags  # refused before anything is created

@@ -1,5 +1,5 @@
 """The CQL family: sharing rules, smoke runs that reach the updates, resume, divergence, bad input."""
-import glob
+
 import json
 import math
 import os
@@ -16,8 +16,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, load_module, run_script
 
 CQL_SCRIPTS = ["cql_mt_noshare", "cql_mt_shareall", "cql_mt_cds"]
-TINY = ["--hidden-dim", "32", "--n-hidden", "2", "--batch-size", "16", "--cql-n-actions", "2",
-        "--eval-episodes", "1", "--log-freq", "5"]
+TINY = [
+    "--hidden-dim",
+    "32",
+    "--n-hidden",
+    "2",
+    "--batch-size",
+    "16",
+    "--cql-n-actions",
+    "2",
+    "--eval-episodes",
+    "1",
+    "--log-freq",
+    "5",
+]
 
 
 def scalars(run_dir, tag):
@@ -35,7 +47,10 @@ def test_cds_route_percentile_and_basic():
     routed = m.cds_route(q_own, q_candidates, percentile=10.0)
     assert routed.tolist() == [[True, False, True, False], [True, False, True, False]]
     # top-50 percentile = median (49.5 and 99.0); the boundary value is routed (Delta >= 0)
-    assert m.cds_route(q_own, q_candidates, percentile=50.0).tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert m.cds_route(q_own, q_candidates, percentile=50.0).tolist() == [
+        [True, True, True, False],
+        [True, True, True, True],
+    ]
     # basic: threshold at the mean Q-hat of the own batch (49.5 and 99.0)
     basic = m.cds_route(q_own, torch.tensor([[49.5, 49.4, 0, 0], [99.0, 98.9, 0, 500]]), percentile=10.0, basic=True)
     assert basic.tolist() == [[True, False, False, False], [True, False, False, True]]
@@ -44,10 +59,14 @@ def test_cds_route_percentile_and_basic():
 def fake_buffer(sizes):
     n = sum(sizes)
     source = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)])
-    return {"obs": torch.arange(n, dtype=torch.float32)[:, None].expand(n, 17).clone(),
-            "next_obs": torch.zeros(n, 17), "actions": torch.zeros(n, 6),
-            "rewards_all": torch.arange(n * 3, dtype=torch.float32).reshape(n, 3), "terminals_all": torch.zeros(n, 3),
-            "source": torch.tensor(source)}
+    return {
+        "obs": torch.arange(n, dtype=torch.float32)[:, None].expand(n, 17).clone(),
+        "next_obs": torch.zeros(n, 17),
+        "actions": torch.zeros(n, 6),
+        "rewards_all": torch.arange(n * 3, dtype=torch.float32).reshape(n, 3),
+        "terminals_all": torch.zeros(n, 3),
+        "source": torch.tensor(source),
+    }
 
 
 def test_sample_others_never_draws_the_own_task_and_covers_the_rest():
@@ -82,8 +101,14 @@ def test_noshare_and_shareall_sampling():
         rows = batch["obs"][i, :, 0].long()
         torch.testing.assert_close(batch["rewards"][i], (rows * 3 + i).float())
         assert set(buf["source"][rows].tolist()) == {0, 1, 2}
-    assert stats["sharing/run_forward_to_jump"].item() == pytest.approx(0.5, abs=0.03)
-    assert stats["sharing/jump_to_run_forward"].item() == pytest.approx(0.2, abs=0.03)
+    # the share of dst's batch drawn from src: about src's share of the union
+    assert stats["batch/jump/from_run_forward"].item() == pytest.approx(0.5, abs=0.03)
+    assert stats["batch/run_forward/from_jump"].item() == pytest.approx(0.2, abs=0.03)
+    for dst in ("run_forward", "run_backward", "jump"):  # with the own share, the sources add up to the batch
+        others = sum(v.item() for k, v in stats.items() if k.startswith(f"batch/{dst}/"))
+        own = (buf["source"][batch["obs"][("run_forward", "run_backward", "jump").index(dst), :, 0].long()] ==
+               ("run_forward", "run_backward", "jump").index(dst)).float().mean().item()  # fmt: skip
+        assert others + own == pytest.approx(1.0)
 
 
 def test_cds_batch_routes_by_the_min_of_the_twin_critics():
@@ -110,8 +135,12 @@ def test_cds_batch_routes_by_the_min_of_the_twin_critics():
     # task 1 (indices 50..79, median ~64.5): candidates of task 2 routed, of task 0 not
     cand = rows[1, 2000:]
     assert ((weights[1, 2000:] == 1) == (cand >= 80)).all()
-    assert stats["sharing/jump_to_run_backward"].item() == 1.0
-    assert stats["sharing/run_forward_to_run_backward"].item() == 0.0
+    assert stats["cds/jump_to_run_backward/routed_fraction"].item() == 1.0
+    assert stats["cds/run_forward_to_run_backward/routed_fraction"].item() == 0.0
+    # the share of task 0's batch from task 2, by training weight: its routed candidates over own + routed
+    from_jump = ((buf["source"][rows[0]] == 2).float() * weights[0]).sum() / weights[0].sum()
+    assert stats["batch/run_forward/from_jump"].item() == pytest.approx(from_jump.item())
+    assert stats["batch/jump/from_run_forward"].item() == 0.0  # nothing routed to jump
     assert stats["cds/run_forward/routed_fraction"].item() == 1.0
     # Q-hat of the routed data: the mean over what was routed, undefined (NaN) where nothing was
     assert stats["cds/run_forward/q_routed"].item() == pytest.approx(rows[0, 2000:].double().mean().item())
@@ -123,19 +152,38 @@ def test_cds_batch_routes_by_the_min_of_the_twin_critics():
 # ---------------------------------------------------------------- smoke runs
 @pytest.mark.parametrize("script", CQL_SCRIPTS)
 def test_smoke_run_reaches_the_updates(script, small_datasets, tmp_path):
-    out = run_script(script, "--datasets", *small_datasets, "--total-steps", "30", "--eval-freq", "30",
-                     "--checkpoint-freq", "15", *TINY, cwd=tmp_path)
+    out = run_script(
+        script,
+        "--datasets",
+        *small_datasets,
+        "--total-steps",
+        "30",
+        "--eval-freq",
+        "30",
+        "--checkpoint-freq",
+        "15",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "runs" / f"{script}__custom__1"
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["finished"] and summary["steps_done"] == 30
     assert set(summary["final"]) >= {"run_forward", "run_backward", "jump", "average_return"}
-    for key in ("losses/critic_loss", "losses/actor_loss", "losses/cql_gap", "charts/SPS", "eval/jump/return",
-                "eval/average_normalized_score"):
+    for key in (
+        "losses/critic_loss",
+        "losses/actor_loss",
+        "losses/cql_gap",
+        "charts/SPS",
+        "eval/jump/return",
+        "eval/average_normalized_score",
+    ):
         assert scalars(str(run_dir), key), key
     assert [s for s, _ in scalars(str(run_dir), "losses/critic_loss")] == [5, 10, 15, 20, 25, 30]
     if script != "cql_mt_noshare":
-        assert scalars(str(run_dir), "sharing/run_forward_to_jump")
+        assert scalars(str(run_dir), "batch/jump/from_run_forward")
+    if script == "cql_mt_cds":
+        assert scalars(str(run_dir), "cds/run_forward_to_jump/routed_fraction")
     # the networks moved away from their initialisation
     m = load_module(script)
     torch.manual_seed(1)
@@ -148,8 +196,18 @@ def test_smoke_run_reaches_the_updates(script, small_datasets, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--bf16", "--compile"])
 def test_fast_paths_reach_the_updates(flag, small_datasets, tmp_path):
-    out = run_script("cql_mt_cds", "--datasets", *small_datasets, "--total-steps", "10", "--eval-freq", "10",
-                     flag, *TINY, cwd=tmp_path)
+    out = run_script(
+        "cql_mt_cds",
+        "--datasets",
+        *small_datasets,
+        "--total-steps",
+        "10",
+        "--eval-freq",
+        "10",
+        flag,
+        *TINY,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "runs" / "cql_mt_cds__custom__1"
     assert json.load(open(run_dir / "summary.json"))["steps_done"] == 10
@@ -177,30 +235,88 @@ def test_resume_continues_the_run_exactly(script, small_datasets, tmp_path):
 
 def test_same_seed_gives_the_same_first_losses(small_datasets, tmp_path):
     for name in ("a", "b"):
-        out = run_script("cql_mt_cds", "--datasets", *small_datasets, "--total-steps", "5", "--log-freq", "1",
-                         "--eval-freq", "1000", "--exp-name", name, *TINY[:-2], cwd=tmp_path)
+        out = run_script(
+            "cql_mt_cds",
+            "--datasets",
+            *small_datasets,
+            "--total-steps",
+            "5",
+            "--log-freq",
+            "1",
+            "--eval-freq",
+            "1000",
+            "--exp-name",
+            name,
+            *TINY[:-2],
+            cwd=tmp_path,
+        )
         assert out.returncode == 0, out.stderr
     a = scalars(str(tmp_path / "runs/a__custom__1"), "losses/critic_loss")
     b = scalars(str(tmp_path / "runs/b__custom__1"), "losses/critic_loss")
     assert len(a) == 5 and a == b
 
 
+@pytest.mark.parametrize("script", [*CQL_SCRIPTS, "hcsac"])
+def test_progress_comes_in_seconds_whatever_the_log_freq(script, small_datasets, tmp_path):
+    """The first progress line follows wall time, not --log-freq: here no step would ever reach the log frequency."""
+    length = ["--total-steps", "1000000", "--eval-freq", "1000000"]
+    if script == "hcsac":
+        length = ["--epochs", "100000", "--steps-per-epoch", "10", "--eval-every-epochs", "100000"]
+    tiny = TINY[:-2] if script != "hcsac" else ["--hidden-dim", "32", "--n-hidden", "2", "--batch-size", "16"]
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script + ".py"), "--datasets", *small_datasets, *length,
+                             *tiny, "--log-freq", "1000000", "--device", "cpu"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    line = next((line for line in proc.stdout if line.startswith("step ")), "")
+    elapsed = time.time() - start
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    step = int(line.split()[1].split("/")[0])
+    assert 0 < step < 1_000_000 and "updates/s" in line and "ETA" in line and "last eval none yet" in line, line
+    assert elapsed < 30, elapsed  # about 5 s after the first update, plus the start-up
+    assert proc.returncode == 130 and "checkpoint saved" in stdout, stderr
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes(small_datasets, tmp_path):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cql_mt_noshare.py"), "--datasets", *small_datasets,
-                             "--total-steps", "100000", "--eval-freq", "100000", *TINY],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:  # wait until training is under way
-        if line.startswith("step 10/"):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "cql_mt_noshare.py"),
+            "--datasets",
+            *small_datasets,
+            "--total-steps",
+            "100000",
+            "--eval-freq",
+            "100000",
+            *TINY,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    for line in proc.stdout:  # wait until training is under way: the first progress line
+        if line.startswith("step "):
             break
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "checkpoint saved" in stdout
     ckpt = torch.load(tmp_path / "runs/cql_mt_noshare__custom__1/checkpoint.pt", weights_only=False)
-    assert ckpt["step"] >= 10
-    out = run_script("cql_mt_noshare", "--datasets", *small_datasets, "--total-steps", str(ckpt["step"] + 5),
-                     "--eval-freq", "100000", "--resume", *TINY, cwd=tmp_path)
+    assert ckpt["step"] >= 1
+    out = run_script(
+        "cql_mt_noshare",
+        "--datasets",
+        *small_datasets,
+        "--total-steps",
+        str(ckpt["step"] + 5),
+        "--eval-freq",
+        "100000",
+        "--resume",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert f"resumed cql_mt_noshare__custom__1 at step {ckpt['step']}" in out.stdout
 
@@ -219,8 +335,17 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(small_datasets, tmp
 
     monkeypatch.setattr(m, "cql_losses", diverging)
     monkeypatch.chdir(tmp_path)
-    args = m.Args(datasets=tuple(small_datasets), total_steps=40, checkpoint_freq=10, eval_freq=1000, log_freq=5,
-                  hidden_dim=32, n_hidden=2, batch_size=16, cql_n_actions=2)
+    args = m.Args(
+        datasets=tuple(small_datasets),
+        total_steps=40,
+        checkpoint_freq=10,
+        eval_freq=1000,
+        log_freq=5,
+        hidden_dim=32,
+        n_hidden=2,
+        batch_size=16,
+        cql_n_actions=2,
+    )
     with pytest.raises(SystemExit) as exit_info:
         m.main(args)
     assert exit_info.value.code == 3
@@ -239,24 +364,41 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         data = {k: npz[k] for k in npz.files}
     data["observations"], data["next_observations"] = data["observations"][:, :11], data["next_observations"][:, :11]
     np.savez(bad_obs, **data)
-    bad_reference = tmp_path / "reference.json"
-    bad_reference.write_text('{"tasks": {"jump": {"random_return": 1.0}}}')
     cases = [
         (["--datasets", str(tmp_path / "missing.npz"), *small_datasets[1:]], "dataset file not found"),
-        (["--datasets", *small_datasets, "--reference", str(bad_reference)], "not a reference file"),
+        (["--datasets", str(tmp_path), *small_datasets[1:]], "is a directory; a dataset is one .npz file per task"),
         (["--tasks", "run_forward", "fly"], "unknown task 'fly'"),
-        (["--datasets", bad_obs, *small_datasets[1:]], "observations have 11 features"),
-        (["--datasets", small_datasets[1], small_datasets[0], small_datasets[2]], "holds run_backward data but was given for task run_forward"),
+        (["--datasets", bad_obs, *small_datasets[1:]], "observations have shape (600, 11), but Walker2d-v5's have 17"),
+        (
+            ["--datasets", small_datasets[1], small_datasets[0], small_datasets[2]],
+            "holds run_backward data but was given for task run_forward",
+        ),
         (["--datasets", *small_datasets[:2]], "--datasets needs one file per task (3), got 2"),
         (["--mixture", "huge"], "unknown mixture 'huge'"),
-        (["--datasets", *small_datasets, "--total-steps", "0"], "--total-steps must be positive"),
+        (["--datasets", *small_datasets, "--total-steps", "0"], "--total-steps must lie in [1, inf), got 0"),
+        (["--datasets", *small_datasets, "--gamma", "1"], "--gamma must lie in [0, 1), got 1.0"),
+        (["--datasets", *small_datasets, "--tau", "0"], "--tau must lie in (0, 1], got 0.0"),
+        (["--datasets", *small_datasets, "--q-lr", "-1e-4"], "--q-lr must lie in (0, inf)"),
+        (["--datasets", *small_datasets, "--policy-lr", "nan"], "--policy-lr must lie in (0, inf), got nan"),
+        (["--datasets", *small_datasets, "--seed", "-1"], "--seed must lie in [0, 4294967295]"),
+        (["--datasets", *small_datasets, "--device", "tpu"], "--device must be auto, cpu or cuda"),
         (["--datasets", *small_datasets, "--resume"], "--resume: no checkpoint"),
     ]
-    for flags, message in cases:
-        out = run_script(script, *flags, cwd=tmp_path)
+    cds_cases = [
+        (
+            ["--datasets", *small_datasets, "--cds-percentile", "150"],
+            "--cds-percentile must lie in [0, 100], got 150.0",
+        ),
+        (["--datasets", *small_datasets, "--cds-percentile", "-5"], "--cds-percentile must lie in [0, 100], got -5.0"),
+        (["--datasets", *small_datasets, "--cds-percentile", "nan"], "--cds-percentile must lie in [0, 100], got nan"),
+        (["--datasets", *small_datasets, "--cds-candidates", "0"], "--cds-candidates must lie in [1, inf), got 0"),
+    ]
+    for run, (flags, message) in [(script, c) for c in cases] + [("cql_mt_cds", c) for c in cds_cases]:
+        out = run_script(run, *flags, cwd=tmp_path)
         assert out.returncode == 2, (flags, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (flags, out.stderr)
+        assert not os.path.exists(tmp_path / "runs"), flags  # nothing was created
 
 
 @pytest.mark.parametrize("script", CQL_SCRIPTS)

@@ -1,4 +1,5 @@
 """The shipped data: every file loads, and data/README.md tells the truth about it."""
+
 import json
 import os
 import re
@@ -15,14 +16,16 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "reference
 def readme_rows():
     """Rows of the provenance table: | task | kind | file | transitions | episodes | return |."""
     text = open(os.path.join(DATA, "README.md")).read()
-    rows = re.findall(r"^\| (\w+) \| ([\w-]+) \| `(\w+\.npz)` \| (\d+) \| (\d+) \| (-?[\d.]+) ± ([\d.]+) \|$", text, re.M)
+    rows = re.findall(
+        r"^\| (\w+) \| ([\w-]+) \| `(\w+\.npz)` \| (\d+) \| (\d+) \| (-?[\d.]+) ± ([\d.]+) \|$", text, re.M
+    )
     assert rows, "data/README.md has no provenance table"
     return rows
 
 
 def test_every_mixture_file_loads():
     m = load_module("cql_mt_noshare")
-    for mixture, files in m.MIXTURES.items():
+    for files in m.MIXTURES.values():
         for task, name in files.items():
             source, data = m.load_dataset(os.path.join(DATA, name + ".npz"))
             assert source == task

@@ -1,4 +1,5 @@
 """HCSAC: the heuristic relabelling rule, the embedding networks, and end-to-end runs of hcsac.py."""
+
 import json
 import os
 
@@ -9,8 +10,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import load_module, run_script
 
-TINY = ["--hidden-dim", "32", "--n-hidden", "2", "--batch-size", "32", "--steps-per-epoch", "10",
-        "--eval-episodes", "1", "--log-freq", "10", "--device", "cpu"]
+TINY = [
+    "--hidden-dim",
+    "32",
+    "--n-hidden",
+    "2",
+    "--batch-size",
+    "32",
+    "--steps-per-epoch",
+    "10",
+    "--eval-episodes",
+    "1",
+    "--log-freq",
+    "10",
+    "--device",
+    "cpu",
+]
 
 
 def run_hcsac(*flags, cwd):
@@ -95,10 +110,14 @@ def small_buffer(modules, small_datasets):
     """The buffer main() builds, without normalisation, from the small datasets."""
     hcsac = modules["hcsac"]
     data, _ = hcsac.load_mixture(hcsac.Args(datasets=tuple(small_datasets)))
-    buf = {"obs": torch.tensor(data["observations"]), "next_obs": torch.tensor(data["next_observations"]),
-           "actions": torch.tensor(data["actions"]), "rewards_all": torch.tensor(data["rewards_all"]),
-           "terminals_all": torch.tensor(data["terminals_all"], dtype=torch.float32),
-           "source": torch.tensor(data["source"])}
+    buf = {
+        "obs": torch.tensor(data["observations"]),
+        "next_obs": torch.tensor(data["next_observations"]),
+        "actions": torch.tensor(data["actions"]),
+        "rewards_all": torch.tensor(data["rewards_all"]),
+        "terminals_all": torch.tensor(data["terminals_all"], dtype=torch.float32),
+        "source": torch.tensor(data["source"]),
+    }
     return data, buf
 
 
@@ -113,12 +132,14 @@ def test_shared_transitions_carry_the_target_tasks_reward_and_terminal(modules, 
         rows[i] = members
         batch = hcsac.gather(buf, rows, torch.ones(rows.shape))  # row i is read as task i
         idx = members.numpy()
-        expected_r = hcsac.task_rewards(task, data["actions"][idx], data["next_observations"][idx], data["x_velocity"][idx])
+        expected_r = hcsac.task_rewards(
+            task, data["actions"][idx], data["next_observations"][idx], data["x_velocity"][idx]
+        )
         expected_d = hcsac.task_terminals(task, data["next_observations"][idx])
         np.testing.assert_allclose(batch["rewards"][i].numpy(), expected_r, rtol=1e-6)
         np.testing.assert_array_equal(batch["terminals"][i].numpy(), expected_d.astype(np.float32))
         shared = data["source"][idx] != i
-        # the stored reward is the source task's: shared transitions do not keep it (seed 003's bug)
+        # the stored reward is the source task's: shared transitions do not keep it (the HCSAC course code's bug)
         assert not np.allclose(batch["rewards"][i].numpy()[shared], data["rewards"][idx][shared])
 
 
@@ -127,14 +148,25 @@ def test_sample_batch_draws_from_the_active_datasets_only(modules):
     q, source = constructed_q()
     indices, sizes, _, _ = hcsac.heuristic_relabel(q, source, 5.0)
     n = len(source)
-    buf = {"obs": torch.arange(n, dtype=torch.float32)[:, None].expand(n, 17), "next_obs": torch.zeros(n, 17),
-           "actions": torch.zeros(n, 6), "rewards_all": torch.zeros(n, 3), "terminals_all": torch.zeros(n, 3)}
+    buf = {
+        "obs": torch.arange(n, dtype=torch.float32)[:, None].expand(n, 17),
+        "next_obs": torch.zeros(n, 17),
+        "actions": torch.zeros(n, 6),
+        "rewards_all": torch.zeros(n, 3),
+        "terminals_all": torch.zeros(n, 3),
+        "source": source,
+    }
     torch.manual_seed(0)
-    batch = hcsac.sample_batch(buf, indices, sizes, hcsac.Args(batch_size=2000))
+    batch, stats = hcsac.sample_batch(buf, {"indices": indices, "sizes": sizes}, hcsac.Args(batch_size=2000))
     drawn = batch["obs"][:, :, 0].long()  # obs carries its own buffer index
     for i, members in enumerate(active_sets(indices, sizes)):
         assert set(drawn[i].tolist()) == set(members)  # all of D_i*, nothing else
     assert batch["task_ids"].tolist() == [[i] * 2000 for i in range(3)]
+    for i, dst in enumerate(("run_forward", "run_backward", "jump")):  # the batch's sources, as drawn
+        for j, src in enumerate(("run_forward", "run_backward", "jump")):
+            if i != j:
+                share = (source[drawn[i]] == j).float().mean().item()
+                assert stats[f"batch/{dst}/from_{src}"].item() == pytest.approx(share)
 
 
 def test_sample_batch_before_any_relabelling_is_the_no_sharing_batch(modules, small_datasets):
@@ -143,7 +175,7 @@ def test_sample_batch_before_any_relabelling_is_the_no_sharing_batch(modules, sm
     sizes = torch.tensor(data["sizes"])
     args = hcsac.Args(batch_size=64)
     torch.manual_seed(0)
-    ours = hcsac.sample_batch(buf, torch.arange(len(data["rewards"])), sizes, args)
+    ours, _ = hcsac.sample_batch(buf, {"indices": torch.arange(len(data["rewards"])), "sizes": sizes}, args)
     torch.manual_seed(0)
     theirs, _ = noshare.sample_batch(buf, torch.cumsum(sizes, 0) - sizes, sizes, None, args)
     for key in theirs:
@@ -168,7 +200,11 @@ def test_conservative_q_of_the_whole_dataset_in_chunks(modules):
 def identity_embedding_copies(modules):
     hcsac, noshare = modules["hcsac"], modules["cql_mt_noshare"]
     torch.manual_seed(0)
-    ref_actor, ref_critic, ref_target = noshare.Actor(3, 32, 2), noshare.TwinCritic(3, 32, 2), noshare.TwinCritic(3, 32, 2)
+    ref_actor, ref_critic, ref_target = (
+        noshare.Actor(3, 32, 2),
+        noshare.TwinCritic(3, 32, 2),
+        noshare.TwinCritic(3, 32, 2),
+    )
     copies = []
     for ref, cls in ((ref_actor, hcsac.Actor), (ref_critic, hcsac.TwinCritic), (ref_target, hcsac.TwinCritic)):
         net = cls(3, 32, 2, embed_dim=3)
@@ -193,14 +229,25 @@ def test_networks_with_identity_embedding_match_the_one_hot_networks(modules):
 def test_cql_loss_with_identity_embedding_matches_the_no_sharing_script(modules):
     hcsac, noshare = modules["hcsac"], modules["cql_mt_noshare"]
     refs, copies = identity_embedding_copies(modules)
-    batch = {"obs": torch.randn(3, 8, 17), "actions": torch.rand(3, 8, 6) * 2 - 1, "next_obs": torch.randn(3, 8, 17),
-             "rewards": torch.randn(3, 8), "terminals": (torch.rand(3, 8) < 0.1).float(),
-             "task_ids": torch.arange(3)[:, None].expand(3, 8), "weights": torch.ones(3, 8)}
+    batch = {
+        "obs": torch.randn(3, 8, 17),
+        "actions": torch.rand(3, 8, 6) * 2 - 1,
+        "next_obs": torch.randn(3, 8, 17),
+        "rewards": torch.randn(3, 8),
+        "terminals": (torch.rand(3, 8) < 0.1).float(),
+        "task_ids": torch.arange(3)[:, None].expand(3, 8),
+        "weights": torch.ones(3, 8),
+    }
     values = []
     for m, nets in ((noshare, refs), (hcsac, copies)):
         torch.manual_seed(0)
-        out, _ = m.cql_losses(*nets, torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True),
-                              batch, m.Args(cql_n_actions=4))
+        out, _ = m.cql_losses(
+            *nets,
+            torch.zeros((), requires_grad=True),
+            torch.zeros((), requires_grad=True),
+            batch,
+            m.Args(cql_n_actions=4),
+        )
         values.append({k: v.item() for k, v in out.items()})
     assert values[0] == values[1]
 
@@ -226,16 +273,26 @@ def scalars(run_dir):
 @pytest.fixture(scope="module")
 def resumed_runs(small_datasets, tmp_path_factory):
     """5 epochs relabelling every 2 (at epochs 2 and 4): straight, and stopped after epoch 3 then resumed."""
-    flags = [*TINY, "--datasets", *small_datasets, "--relabel-every", "2", "--eval-every-epochs", "100",
-             "--torch-deterministic"]
+    flags = [
+        *TINY,
+        "--datasets",
+        *small_datasets,
+        "--relabel-every",
+        "2",
+        "--eval-every-epochs",
+        "100",
+        "--torch-deterministic",
+    ]
     straight, interrupted = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("interrupted")
     done = run_hcsac(*flags, "--epochs", "5", cwd=straight)
     first = run_hcsac(*flags, "--epochs", "3", cwd=interrupted)
     second = run_hcsac(*flags, "--epochs", "5", "--resume", cwd=interrupted)
     for proc in (done, first, second):
         assert proc.returncode == 0, proc.stderr
-    return [(proc, os.path.join(cwd, "runs", "hcsac__custom__1")) for proc, cwd in
-            ((done, straight), (first, interrupted), (second, interrupted))]
+    return [
+        (proc, os.path.join(cwd, "runs", "hcsac__custom__1"))
+        for proc, cwd in ((done, straight), (first, interrupted), (second, interrupted))
+    ]
 
 
 def test_smoke_run_trains_relabels_evaluates_and_logs(modules, resumed_runs):
@@ -243,7 +300,7 @@ def test_smoke_run_trains_relabels_evaluates_and_logs(modules, resumed_runs):
     (proc, run_dir), _, _ = resumed_runs
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["finished"] and summary["steps_done"] == 50 and summary["epochs_done"] == 5
+    assert summary["finished"] and summary["steps_done"] == 50
     assert [e["step"] for e in summary["evals"]] == [50]
     assert np.isfinite(summary["final"]["average_return"])
     # relabelling at the end of epochs 2 and 4 (never after the last one)
@@ -254,22 +311,34 @@ def test_smoke_run_trains_relabels_evaluates_and_logs(modules, resumed_runs):
         for dst in sizes:
             added = sum(record["added"][f"{src}_to_{dst}"] for src in sizes if src != dst)
             assert record["active_size"][dst] == sizes[dst] + added  # D_i plus its additions, rebuilt
-        for key, n in record["added"].items():
-            assert record["sharing"][key] == pytest.approx(n / sizes[key.split("_to_")[0]])
     assert proc.stdout.count("relabel @ epoch") == 2
     tags = scalars(run_dir)
-    for tag in ("losses/critic_loss", "losses/actor_loss", "losses/cql_gap", "charts/SPS", "eval/average_return",
-                "eval/jump/normalized_score", "relabel/run_forward_to_jump", "sharing/jump_to_run_backward",
-                "relabel/run_forward/tau"):
+    for tag in (
+        "losses/critic_loss",
+        "losses/actor_loss",
+        "losses/cql_gap",
+        "charts/SPS",
+        "eval/average_return",
+        "eval/jump/normalized_score",
+        "relabel/run_forward_to_jump/added",
+        "batch/run_backward/from_jump",
+        "relabel/jump_to_run_backward/added_fraction",
+        "relabel/run_forward/tau",
+        "losses/entropy_alpha",
+    ):
         assert tag in tags, tag
     assert len(tags["relabel/run_forward/tau"]) == 2 and len(tags["losses/critic_loss"]) == 5
-    assert tags["relabel/jump_to_run_forward"] == [float(r["added"]["jump_to_run_forward"]) for r in summary["relabels"]]
+    for key in ("jump_to_run_forward", "run_backward_to_jump"):  # counts, and their share of the source's dataset
+        added = [float(r["added"][key]) for r in summary["relabels"]]
+        assert tags[f"relabel/{key}/added"] == added
+        fractions = [n / sizes[key.split("_to_")[0]] for n in added]
+        assert tags[f"relabel/{key}/added_fraction"] == pytest.approx(fractions)
     # the updates happened: the actor is no longer its initialisation
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     torch.manual_seed(1)
     initial = hcsac.Actor(3, 32, 2, 16).state_dict()
     assert all(not torch.equal(initial[k], ckpt["actor"][k]) for k in initial)  # embedding included
-    assert ckpt["active_sizes"].tolist() == [summary["relabels"][-1]["active_size"][t] for t in sizes]
+    assert ckpt["active"]["sizes"].tolist() == [summary["relabels"][-1]["active_size"][t] for t in sizes]
 
 
 def test_resume_across_a_relabelling_gives_the_straight_run(resumed_runs):
@@ -281,22 +350,35 @@ def test_resume_across_a_relabelling_gives_the_straight_run(resumed_runs):
     for key in ("actor", "critic", "critic_target"):
         for name, value in straight[key].items():
             assert torch.equal(resumed[key][name], value), f"{key}.{name}"
-    assert torch.equal(resumed["active"], straight["active"])
+    assert torch.equal(resumed["active"]["indices"], straight["active"]["indices"])
     assert resumed["relabels"] == straight["relabels"]
 
 
 def test_relabel_every_zero_is_mtcsac_and_never_relabels(small_datasets, tmp_path):
-    proc = run_hcsac(*TINY, "--datasets", *small_datasets, "--epochs", "3", "--eval-every-epochs", "3",
-                      "--relabel-every", "0", cwd=tmp_path)
+    proc = run_hcsac(
+        *TINY,
+        "--datasets",
+        *small_datasets,
+        "--epochs",
+        "3",
+        "--eval-every-epochs",
+        "3",
+        "--relabel-every",
+        "0",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     run_dir = os.path.join(tmp_path, "runs", "hcsac__custom__1")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["finished"] and summary["relabels"] == []
     assert "relabel" not in proc.stdout
-    assert not [t for t in scalars(run_dir) if t.startswith(("relabel/", "sharing/"))]
+    tags = scalars(run_dir)
+    assert not [t for t in tags if t.startswith("relabel/")]
+    assert tags["batch/jump/from_run_forward"] and all(v == 0 for t in tags if t.startswith("batch/") for v in tags[t])
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    assert torch.equal(ckpt["active"], torch.arange(1300)) and ckpt["active_sizes"].tolist() == [600, 400, 300]
+    assert torch.equal(ckpt["active"]["indices"], torch.arange(1300))
+    assert ckpt["active"]["sizes"].tolist() == [600, 400, 300]
 
 
 def test_divergence_stops_before_a_relabelling(small_datasets, tmp_path, monkeypatch, capsys):
@@ -312,9 +394,20 @@ def test_divergence_stops_before_a_relabelling(small_datasets, tmp_path, monkeyp
 
     monkeypatch.setattr(m, "cql_losses", diverging)
     monkeypatch.chdir(tmp_path)
-    args = m.Args(datasets=tuple(small_datasets), epochs=6, steps_per_epoch=10, relabel_every=2, log_freq=100,
-                  checkpoint_every_epochs=3, eval_every_epochs=100, hidden_dim=32, n_hidden=2, batch_size=16,
-                  cql_n_actions=2, device="cpu")
+    args = m.Args(
+        datasets=tuple(small_datasets),
+        epochs=6,
+        steps_per_epoch=10,
+        relabel_every=2,
+        log_freq=100,
+        checkpoint_every_epochs=3,
+        eval_every_epochs=100,
+        hidden_dim=32,
+        n_hidden=2,
+        batch_size=16,
+        cql_n_actions=2,
+        device="cpu",
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -331,17 +424,24 @@ def test_divergence_stops_before_a_relabelling(small_datasets, tmp_path, monkeyp
     assert ckpt["step"] == 30 and [r["step"] for r in ckpt["relabels"]] == [20]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tasks", "run_forward", "fly"], "unknown task 'fly'"),
-    (["--datasets", "missing.npz", "b.npz", "c.npz"], "dataset file not found: missing.npz"),
-    (["--relabel-quantile", "-1"], "--relabel-quantile"),
-    (["--relabel-quantile", "100.5"], "--relabel-quantile"),
-    (["--relabel-every", "-1"], "--relabel-every"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tasks", "run_forward", "fly"], "unknown task 'fly'"),
+        (["--datasets", "missing.npz", "b.npz", "c.npz"], "dataset file not found: missing.npz"),
+        (["--relabel-quantile", "-1"], "--relabel-quantile"),
+        (["--relabel-quantile", "100.5"], "--relabel-quantile"),
+        (["--relabel-every", "-1"], "--relabel-every"),
+        (["--embed-dim", "0"], "--embed-dim must lie in [1, inf), got 0"),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch must lie in [1, inf)"),
+        (["--datasets", "a_folder", "b.npz", "c.npz"], "a_folder is a directory"),
+    ],
+)
 def test_bad_input_is_one_error_line(small_datasets, tmp_path, flags, message):
     datasets = [] if "--datasets" in flags else ["--datasets", *small_datasets]
+    (tmp_path / "a_folder").mkdir()
     proc = run_hcsac(*TINY, *datasets, *flags, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()

@@ -1,4 +1,5 @@
 """benchmark/speed.py: one measurement of one script, and its FLOP count against a count by hand."""
+
 import json
 import os
 import subprocess
@@ -8,9 +9,22 @@ from conftest import ROOT
 
 
 def test_speed_worker_counts_the_cql_update_flops(modules):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "speed.py"), "--worker", "cql_mt_noshare:fp32",
-                          "--steps", "2", "--device", "cpu"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmark", "speed.py"),
+            "--worker",
+            "cql_mt_noshare:fp32",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["sps"] > 0

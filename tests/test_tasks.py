@@ -1,11 +1,12 @@
 """The MT-Walker2d task suite, the dataset loader and the collection script."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_module, run_script
+from conftest import load_module, run_script
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def rollout_with_states(task, n_steps, seed, lift_every=0):
         qpos, qvel = sim.data.qpos.copy(), sim.data.qvel.copy()
         action = rng.uniform(-1, 1, 6).astype(np.float32)
         next_obs, reward, terminated, truncated, info = env.step(action)
-        rows.append((qpos, qvel, action, next_obs.astype(np.float32), np.float32(info["x_velocity"]), reward, terminated))
+        rows.append(
+            (qpos, qvel, action, next_obs.astype(np.float32), np.float32(info["x_velocity"]), reward, terminated)
+        )
         if terminated or truncated:
             obs, _ = env.reset()
     return rows
@@ -96,19 +99,22 @@ def test_loader_accepts_a_good_file(m, small_datasets):
     assert task == "run_forward" and data["observations"].shape == (600, 17)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_file", "dataset file not found"),
-    ("not_npz", "not a readable .npz file"),
-    ("missing_key", "missing keys x_velocity"),
-    ("wrong_shape", "actions has shape (600, 5), expected (600, 6)"),
-    ("short_field", "rewards has shape (599,), expected (600,)"),
-    ("nan", "observations contains NaN or inf"),
-    ("inf", "x_velocity contains NaN or inf"),
-    ("obs_size", "observations have 11 features, but Walker2d-v5 observations have 17"),
-    ("obs_scalar", "observations has shape (), expected (N, 17)"),
-    ("unknown_task", "unknown task 'fly'"),
-    ("actions_range", "actions outside [-1, 1]"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_file", "dataset file not found"),
+        ("not_npz", "not a readable .npz file"),
+        ("missing_key", "missing keys x_velocity"),
+        ("wrong_shape", "actions has shape (600, 5), expected (600, 6)"),
+        ("short_field", "rewards has shape (599,), expected (600,)"),
+        ("nan", "observations contains NaN or inf"),
+        ("inf", "x_velocity contains NaN or inf"),
+        ("obs_size", "observations have shape (600, 11), but Walker2d-v5's have 17 features"),
+        ("obs_scalar", "observations have shape (), but Walker2d-v5's have 17 features"),
+        ("unknown_task", "unknown task 'fly'"),
+        ("actions_range", "actions outside [-1, 1]"),
+    ],
+)
 def test_loader_refuses_bad_files_with_one_line(m, good, tmp_path, case, message):
     bad = dict(good)
     if case == "missing_file":
@@ -147,10 +153,31 @@ def test_loader_refuses_bad_files_with_one_line(m, good, tmp_path, case, message
 
 # ---------------------------------------------------------------- the collection script
 def test_tiny_collection_writes_loadable_datasets_and_resumes(m, tmp_path):
-    flags = ["--tasks", "run_forward", "jump", "--learning-starts", "300", "--eval-every", "200",
-             "--eval-episodes", "1", "--checkpoint-every", "200", "--batch-size", "32", "--expert-size", "300",
-             "--medium-size", "400", "--reference-episodes", "2",
-             "--datasets", "run_forward/medium-replay", "jump/expert", "jump/medium"]
+    flags = [
+        "--tasks",
+        "run_forward",
+        "jump",
+        "--learning-starts",
+        "300",
+        "--eval-every",
+        "200",
+        "--eval-episodes",
+        "1",
+        "--checkpoint-every",
+        "200",
+        "--batch-size",
+        "32",
+        "--expert-size",
+        "300",
+        "--medium-size",
+        "400",
+        "--reference-episodes",
+        "2",
+        "--datasets",
+        "run_forward/medium-replay",
+        "jump/expert",
+        "jump/medium",
+    ]
     first = run_script("collect_datasets", "--phase", "train", "--total-steps", "400", *flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     # running again without --resume refuses to overwrite the runs
