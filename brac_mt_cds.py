@@ -420,7 +420,7 @@ def warn_over_estimation(run, q_data, ceilings, warnings):
 def fit_behavior_model(run, behavior, behavior_optim, buf, starts, sizes, warmup, args):
     """BRAC's warm-up: pi_beta alone for --behavior-warmup-steps, before the actor-critic starts, on the union with
     --share all, else on D_i (CDS routes nothing before its critic learns). warmup["step"] counts its steps."""
-    sample, run.progress_step = sample_all if args.share == "all" else sample_none, warmup["step"]  # its updates/s
+    sample = sample_all if args.share == "all" else sample_none
     while warmup["step"] < args.behavior_warmup_steps:
         batch, _ = sample(buf, starts, sizes, args)
         with torch.autocast(buf["obs"].device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -441,8 +441,7 @@ def fit_behavior_model(run, behavior, behavior_optim, buf, starts, sizes, warmup
             run.save()
         describe = lambda: f"log-likelihood {log_likelihood.item():.2f}"
         run.end_step(describe, step=step, total=args.behavior_warmup_steps, label="behaviour warm-up")
-    run.log_time = run.progress_time = time.time()  # the actor-critic's SPS, updates/s and first progress line
-    run.progress_step, run.next_progress = run.step, run.progress_time + FIRST_PROGRESS_S  # start afresh
+    run.log_time, run.progress_step = time.time(), None  # the actor-critic's SPS and progress lines start afresh
 
 
 def describe_step(losses, stats, alpha, learned):
@@ -667,9 +666,8 @@ class Run:
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         sizes = ", ".join(f"{t} {s}" for t, s in zip(args.tasks, info["sizes"]))
         print(f"{self.name}: {len(args.tasks)} tasks, {sum(info['sizes'])} transitions ({sizes}), device {device}")
-        self.log_time = self.progress_time = time.time()
+        self.log_time, self.log_step, self.progress_step = time.time(), self.step, None
         self.clock = self.log_time - self.wall_before  # wall time = time.time() - clock, over every resumed part
-        self.log_step, self.progress_step, self.next_progress = self.step, self.step, self.log_time + FIRST_PROGRESS_S
         self.diverged, self.stop_requested = torch.zeros((), dtype=torch.bool, device=device), False
         signal.signal(signal.SIGINT, self.on_ctrl_c)
 
@@ -767,9 +765,10 @@ class Run:
             json.dump(summary | {name: self.state[name] for name in self.summary_keys}, f, indent=1)
 
     def end_step(self, describe, step=None, total=None, label="step"):
-        """The progress line FIRST_PROGRESS_S after the start, then every PROGRESS_EVERY_S and at the end: step,
-        updates/s, describe(), the latest evaluation, ETA. Then a requested stop: save and exit 130."""
+        """Progress FIRST_PROGRESS_S after the first update, then every PROGRESS_EVERY_S; then a requested stop."""
         step, total, now = self.step if step is None else step, total or self.total_steps, time.time()
+        if self.progress_step is None:  # rates count from the end of the first update, which allocates and compiles
+            self.progress_step, self.progress_time, self.next_progress = step, now, now + FIRST_PROGRESS_S
         if now >= self.next_progress or step == total:
             self.check_finite()
             rate = (step - self.progress_step) / max(now - self.progress_time, 1e-9)

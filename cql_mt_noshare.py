@@ -465,9 +465,8 @@ class Run:
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
         sizes = ", ".join(f"{t} {s}" for t, s in zip(args.tasks, info["sizes"]))
         print(f"{self.name}: {len(args.tasks)} tasks, {sum(info['sizes'])} transitions ({sizes}), device {device}")
-        self.log_time = self.progress_time = time.time()
+        self.log_time, self.log_step, self.progress_step = time.time(), self.step, None
         self.clock = self.log_time - self.wall_before  # wall time = time.time() - clock, over every resumed part
-        self.log_step, self.progress_step, self.next_progress = self.step, self.step, self.log_time + FIRST_PROGRESS_S
         self.diverged, self.stop_requested = torch.zeros((), dtype=torch.bool, device=device), False
         signal.signal(signal.SIGINT, self.on_ctrl_c)
 
@@ -565,9 +564,10 @@ class Run:
             json.dump(summary | {name: self.state[name] for name in self.summary_keys}, f, indent=1)
 
     def end_step(self, describe, step=None, total=None, label="step"):
-        """The progress line FIRST_PROGRESS_S after the start, then every PROGRESS_EVERY_S and at the end: step,
-        updates/s, describe(), the latest evaluation, ETA. Then a requested stop: save and exit 130."""
+        """Progress FIRST_PROGRESS_S after the first update, then every PROGRESS_EVERY_S; then a requested stop."""
         step, total, now = self.step if step is None else step, total or self.total_steps, time.time()
+        if self.progress_step is None:  # rates count from the end of the first update, which allocates and compiles
+            self.progress_step, self.progress_time, self.next_progress = step, now, now + FIRST_PROGRESS_S
         if now >= self.next_progress or step == total:
             self.check_finite()
             rate = (step - self.progress_step) / max(now - self.progress_time, 1e-9)
