@@ -92,7 +92,7 @@ class Args:
 
 # ---------------------------------------------------------------- the MT-Walker2d task suite
 # (the same definitions are copied into every training script; tests/test_parity.py pins them)
-TASKS = ("run_forward", "run_backward", "jump")
+WALKER_TASKS = ("run_forward", "run_backward", "jump")
 INIT_HEIGHT = 1.25  # h0: Walker2d's initial torso height
 
 
@@ -115,7 +115,7 @@ def task_rewards(task, actions, next_obs, x_velocity):
         return healthy - x_velocity - ctrl_cost
     if task == "jump":  # r = 1 + 10 (h - h0) - |v| - 0.001|a|^2
         return healthy + 10.0 * (next_obs[..., 0] - INIT_HEIGHT) - np.abs(x_velocity) - ctrl_cost
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
 
 
 class JumpReward(gym.Wrapper):
@@ -135,7 +135,7 @@ def make_env(task):
         return gym.make("Walker2d-v5", forward_reward_weight=-1.0)
     if task == "jump":
         return JumpReward(gym.make("Walker2d-v5", forward_reward_weight=0.0, healthy_z_range=(0.8, float("inf"))))
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
 
 
 # ---------------------------------------------------------------- SAC (2x256, as is usual)
@@ -491,9 +491,9 @@ def episode_returns(data, max_steps=1000):
 
 def main(args: Args):
     for task in args.tasks:
-        if task not in TASKS:
-            raise SystemExit(f"error: unknown task {task!r}; choose from {', '.join(TASKS)}")
-    seeds = {task: args.seed + TASKS.index(task) for task in args.tasks}
+        if task not in WALKER_TASKS:
+            raise SystemExit(f"error: unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
+    seeds = {task: args.seed + WALKER_TASKS.index(task) for task in args.tasks}
     if args.phase in ("train", "all"):
         procs = [mp.Process(target=train_task, args=(args, task, seeds[task])) for task in args.tasks]
         for p in procs:

@@ -5,7 +5,10 @@ One actor and one twin critic for all tasks, fed a task one-hot. Top to bottom: 
 the sharing rule, evaluation, the training loop; below the PLUMBING banner, the code every script shares.
 """
 
+import contextlib
 import ctypes
+import functools
+import io
 import json
 import math
 import os
@@ -32,8 +35,11 @@ class Args:
     seed: int = 1  # seed of torch, numpy, random and the evaluation environments
     torch_deterministic: bool = True  # deterministic torch algorithms (the same seed on CPU gives the same losses)
     device: str = "auto"  # `auto` (CUDA when present), `cpu` or `cuda`
-    mixture: str = "imbalanced"  # shipped datasets: `imbalanced` (the CDS paper's) or `all-medium` (data/README.md)
-    tasks: tuple[str, ...] = ("run_forward", "run_backward", "jump")  # tasks to train and evaluate, in one-hot order
+    domain: str = "mt-walker2d"  # `mt-walker2d`, `maze-medium` (3 goals) or `maze-large` (7 goals); README, Tasks
+    mixture: str = (
+        ""  # shipped data (data/README.md); walker: imbalanced (default), all-medium; mazes: undirected, directed
+    )
+    tasks: tuple[str, ...] = ()  # tasks to train and evaluate (default: all the domain's)
     datasets: tuple[str, ...] = ()  # your own .npz files, one per task in the order of --tasks (default: the mixture's)
     total_steps: int = 1_000_000  # gradient steps, each on a batch of every task (CDS paper: 1M)
     batch_size: int = 256  # transitions per task per gradient step (CDS paper: 256)
@@ -69,10 +75,10 @@ LIMITS = {  # the interval of every numeric flag, checked before anything is cre
 }  # fmt: skip
 
 
-# ---- Tasks: MT-Walker2d. Rewards and terminals follow from stored fields, so any transition relabels to any task.
-TASKS = ("run_forward", "run_backward", "jump")
+# ---- Tasks: rewards and terminals follow from stored fields, so any transition relabels exactly to any task of its
+# ---- domain. MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks).
+WALKER_TASKS = ("run_forward", "run_backward", "jump")
 INIT_HEIGHT = 1.25  # h0: Walker2d's initial torso height
-OBS_DIM, ACT_DIM = 17, 6
 
 
 def task_terminals(task, next_obs):
@@ -94,7 +100,7 @@ def task_rewards(task, actions, next_obs, x_velocity):
         return healthy - x_velocity - ctrl_cost
     if task == "jump":  # r = 1 + 10 (h - h0) - |v| - 0.001|a|^2
         return healthy + 10.0 * (next_obs[..., 0] - INIT_HEIGHT) - np.abs(x_velocity) - ctrl_cost
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
 
 
 class JumpReward(gym.Wrapper):
@@ -114,7 +120,65 @@ def make_env(task):
         return gym.make("Walker2d-v5", forward_reward_weight=-1.0)
     if task == "jump":
         return JumpReward(gym.make("Walker2d-v5", forward_reward_weight=0.0, healthy_z_range=(0.8, float("inf"))))
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
+
+
+# ---- Mazes: the CDS paper's AntMaze protocol on Gymnasium-Robotics' PointMaze; a goal cell of its maps per task.
+MAZE_START, GOAL_RADIUS = (1, 1), 0.45  # every episode starts in this cell (D4RL's AntMaze); the success distance
+MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task)
+    "maze-medium": ("PointMaze_Medium-v3", (8, 8), ((2, 6), (5, 1), (6, 5))),
+    "maze-large": ("PointMaze_Large-v3", (9, 12), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))),
+}
+
+
+def goal_xy(domain, task):
+    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells (scaling 1)."""
+    _, (rows, cols), goals = MAZES[domain]
+    row, col = goals[int(task[5:])]
+    return np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
+
+
+class FixedGoalMaze(gym.Wrapper):
+    """PointMaze, goal fixed at its cell's centre, start in MAZE_START +-0.25: obs (x, y, vx, vy), reward 1 at goal."""
+
+    def __init__(self, env, goal_cell, goal):
+        super().__init__(env)
+        self.goal_cell, self.goal = np.array(goal_cell), goal
+        self.observation_space = env.observation_space["observation"]
+
+    def reset(self, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options={"goal_cell": self.goal_cell, "reset_cell": np.array(MAZE_START)})
+        self.env.unwrapped.goal = self.goal.copy()  # the goal without the environment's position noise
+        return obs["observation"], info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs["observation"], reward, terminated, truncated, info
+
+
+def make_maze_env(domain, task):
+    """The task's PointMaze: sparse reward, terminal on success, truncated at the registered limit (600 / 800 steps)."""
+    with contextlib.redirect_stderr(io.StringIO()):  # the package prints a notice about other environments on import
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    env_id, _, goals = MAZES[domain]
+    return FixedGoalMaze(gym.make(env_id, continuing_task=False), goals[int(task[5:])], goal_xy(domain, task))
+
+
+def maze_rewards(domain, tasks, next_obs):
+    """Rewards = terminals of every task: 1 where s' lies within GOAL_RADIUS of the task's goal. (N, len(tasks))."""
+    goals = np.stack([goal_xy(domain, t) for t in tasks])
+    return np.linalg.norm(next_obs[:, None, :2] - goals[None], axis=-1) <= GOAL_RADIUS
+
+
+DOMAINS = {  # domain: (tasks, observation size, action size, {mixture: one shipped file data/<name>.npz per task})
+    "mt-walker2d": (WALKER_TASKS, 17, 6, {
+        "imbalanced": ("run_forward_medium_replay", "run_backward_medium", "jump_expert"),
+        "all-medium": ("run_forward_medium", "run_backward_medium", "jump_medium")}),
+}  # fmt: skip
+for maze, (_, _, goals) in MAZES.items():  # task goal_k: reach goal cell k; files data/<maze>/<mixture>_<task>.npz
+    tasks = tuple(f"goal_{k}" for k in range(len(goals)))
+    DOMAINS[maze] = (tasks, 4, 2, {m: tuple(f"{maze}/{m}_{t}" for t in tasks) for m in ("undirected", "directed")})
 
 
 # ---- Networks: a tanh-Gaussian actor and twin critics, both fed [normalised obs, task one-hot].
@@ -122,12 +186,12 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 class Actor(nn.Module):
-    def __init__(self, n_tasks, hidden_dim=256, n_hidden=3):
+    def __init__(self, n_tasks, hidden_dim=256, n_hidden=3, obs_dim=17, act_dim=6):
         super().__init__()
         self.n_tasks = n_tasks
-        widths = [OBS_DIM + n_tasks] + [hidden_dim] * n_hidden
+        widths = [obs_dim + n_tasks] + [hidden_dim] * n_hidden
         self.trunk = nn.Sequential(*[m for i, o in zip(widths[:-1], widths[1:]) for m in (nn.Linear(i, o), nn.ReLU())])
-        self.head = nn.Linear(hidden_dim, 2 * ACT_DIM)
+        self.head = nn.Linear(hidden_dim, 2 * act_dim)
 
     def forward(self, obs, task_ids):
         """Mean and log-std of the pre-tanh Gaussian."""
@@ -153,10 +217,10 @@ class Actor(nn.Module):
 class TwinCritic(nn.Module):
     """Q1 and Q2 as one ensemble of two MLPs: one batched matmul per layer evaluates both."""
 
-    def __init__(self, n_tasks, hidden_dim=256, n_hidden=3):
+    def __init__(self, n_tasks, hidden_dim=256, n_hidden=3, obs_dim=17, act_dim=6):
         super().__init__()
         self.n_tasks = n_tasks
-        widths = [OBS_DIM + n_tasks + ACT_DIM] + [hidden_dim] * n_hidden + [1]
+        widths = [obs_dim + n_tasks + act_dim] + [hidden_dim] * n_hidden + [1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
@@ -189,7 +253,7 @@ def cql_losses(actor, critic, critic_target, log_alpha, log_cql_alpha, batch, ar
     batch: tensors (n_tasks, M, ...): obs, actions, rewards, terminals, next_obs, task_ids, and weights (1 where
     task i trains on the transition). Returns (losses, stats)."""
     obs, actions, next_obs, task_ids, weights = map(batch.get, ("obs", "actions", "next_obs", "task_ids", "weights"))
-    n, m = args.cql_n_actions, obs.shape[1]
+    n, m, act_dim = args.cql_n_actions, obs.shape[1], actions.shape[-1]
     alpha = log_alpha.exp().detach()
     with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         # one actor pass for s and s': 1 + n actions from pi(.|s) and from pi(.|s')
@@ -202,7 +266,7 @@ def cql_losses(actor, critic, critic_target, log_alpha, log_cql_alpha, batch, ar
         q_new = critic(obs, task_ids, new_actions, detach_params=True).min(0).values
         actor_loss = per_task_mean(alpha * new_log_probs - q_new, weights)
         # entropy temperature: min_alpha E[-alpha (log pi(a|s) + target_entropy)]
-        alpha_loss = per_task_mean(-log_alpha.exp() * (new_log_probs.detach() - ACT_DIM), weights)
+        alpha_loss = per_task_mean(-log_alpha.exp() * (new_log_probs.detach() - act_dim), weights)  # target -|A|
 
         # TD target: y = r + gamma (1 - d) min_k Q'_k(s', a'), no entropy term (as in the CQL code)
         with torch.no_grad():
@@ -216,7 +280,7 @@ def cql_losses(actor, critic, critic_target, log_alpha, log_cql_alpha, batch, ar
         q_all = critic(obs.expand(1 + 3 * n, *obs.shape), task_ids.expand(1 + 3 * n, *task_ids.shape), cql_actions)
         q_data = q_all[:, 0]  # (2, T, M)
         # importance weights: uniform density 1/2^A; policy samples by their own log-density
-        uniform_density = torch.full((n, *task_ids.shape), -ACT_DIM * math.log(2.0), device=obs.device)
+        uniform_density = torch.full((n, *task_ids.shape), -act_dim * math.log(2.0), device=obs.device)
         log_densities = torch.cat([uniform_density, pi_log_probs[1:, :, :m].detach(), pi_log_probs[1:, :, m:].detach()])
         logsumexp = torch.logsumexp(q_all[:, 1:] - log_densities, dim=1)  # log sum_a exp(Q(s,a)) / mu(a)
         cql_gap = logsumexp - q_data  # (2, T, M): pushed down, weighted by cql_alpha
@@ -311,9 +375,10 @@ def sample_batch(buf, starts, sizes, critic, args):
 
 
 # ---- Evaluation: every task's episodes stepped together, one actor pass per step for all of them.
-def evaluate(actor, tasks, episodes, obs_mean, obs_std, seed, device):
-    """Mean-action returns: {task: array of `episodes` returns}."""
-    envs = [(i, make_env(task)) for i, task in enumerate(tasks) for _ in range(episodes)]
+def evaluate(actor, domain, tasks, episodes, obs_mean, obs_std, seed, device):
+    """Mean-action returns (in a maze: 1 for a success, else 0): {task: array of `episodes` returns}."""
+    make = make_env if domain == "mt-walker2d" else functools.partial(make_maze_env, domain)
+    envs = [(i, make(task)) for i, task in enumerate(tasks) for _ in range(episodes)]
     obs = np.stack([env.reset(seed=seed + k)[0] for k, (_, env) in enumerate(envs)])
     returns, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
     task_ids = torch.tensor([i for i, _ in envs], device=device)
@@ -336,11 +401,11 @@ def main(args: Args):
     device, buf, run_info = setup(args, LIMITS)
     if len(args.tasks) < 2:
         fail("CDS shares data between tasks: give it at least two --tasks")
-    n_tasks, sizes = len(args.tasks), buf["sizes"]
+    n_tasks, sizes, dims = len(args.tasks), buf["sizes"], DOMAINS[args.domain][1:3]  # observation and action sizes
     starts = torch.cumsum(sizes, 0) - sizes
-    actor = Actor(n_tasks, args.hidden_dim, args.n_hidden).to(device)
-    critic = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden).to(device)
-    critic_target = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden).to(device)
+    actor = Actor(n_tasks, args.hidden_dim, args.n_hidden, *dims).to(device)
+    critic = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden, *dims).to(device)
+    critic_target = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden, *dims).to(device)
     critic_target.load_state_dict(critic.state_dict())
     log_alpha, log_cql_alpha = (torch.zeros((), device=device, requires_grad=True) for _ in range(2))
     actor_optim = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
@@ -384,13 +449,9 @@ def main(args: Args):
 
 # ==== PLUMBING, identical in every script and pinned by tests/test_parity.py: loading and validation, the run folder,
 # ==== checkpoints, RNG, Ctrl-C, memory, progress. Nothing below is the method. ========================================
-MIXTURES = {  # mixture: the shipped file of each task, data/<name>.npz
-    "imbalanced": dict(run_forward="run_forward_medium_replay", run_backward="run_backward_medium", jump="jump_expert"),
-    "all-medium": dict(run_forward="run_forward_medium", run_backward="run_backward_medium", jump="jump_medium"),
-}
-DATASET_KEYS = {  # key: (trailing shape, kind)
-    "observations": ((OBS_DIM,), "f"), "actions": ((ACT_DIM,), "f"), "next_observations": ((OBS_DIM,), "f"),
-    "rewards": ((), "f"), "terminals": ((), "b"), "timeouts": ((), "b"), "x_velocity": ((), "f"),
+DATASET_KEYS = {  # key: (trailing shape: the domain's observation or action size, or none; kind); x_velocity: walker
+    "observations": ("obs", "f"), "actions": ("act", "f"), "next_observations": ("obs", "f"), "rewards": ("", "f"),
+    "terminals": ("", "b"), "timeouts": ("", "b"), "x_velocity": ("", "f"),
 }  # fmt: skip
 FIRST_PROGRESS_S, PROGRESS_EVERY_S = 5.0, 30.0  # the first progress line, then one every 30 s of wall time
 
@@ -399,8 +460,8 @@ class DatasetError(ValueError):
     """A dataset file that cannot be used; its message is one line for the user."""
 
 
-def load_dataset(path):
-    """Read one task's .npz (format in data/README.md) and check every field; returns (task, dict)."""
+def load_dataset(path, domain="mt-walker2d"):
+    """Read one task's .npz of `domain` (format in data/README.md) and check every field; returns (task, dict)."""
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a directory; a dataset is one .npz file per task")
     if not os.path.isfile(path):
@@ -410,19 +471,23 @@ def load_dataset(path):
             raw = {key: npz[key] for key in npz.files}
     except Exception as e:
         raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-    missing = [key for key in (*DATASET_KEYS, "task") if key not in raw]
+    (tasks, obs_dim, act_dim, _), source = DOMAINS[domain], str(raw.get("domain", "mt-walker2d"))  # walker files: none
+    if source != domain:
+        raise DatasetError(f"{path} holds {source} data, not {domain} data (choose the domain with --domain)")
+    keys = {k: v for k, v in DATASET_KEYS.items() if k != "x_velocity" or domain == "mt-walker2d"}
+    missing = [key for key in (*keys, "task") if key not in raw]
     if missing:
         raise DatasetError(f"{path}: missing keys {', '.join(missing)}")
     task, obs = str(raw["task"]), raw["observations"]
-    if task not in TASKS:
-        raise DatasetError(f"{path}: unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if obs.ndim != 2 or obs.shape[1] != OBS_DIM:
-        raise DatasetError(f"{path}: observations have shape {obs.shape}, but Walker2d-v5's have {OBS_DIM} features")
-    data, n = {}, len(obs)
-    for key, (shape, kind) in DATASET_KEYS.items():
+    if task not in tasks:
+        raise DatasetError(f"{path}: unknown task {task!r}; choose from {', '.join(tasks)}")
+    if obs.ndim != 2 or obs.shape[1] != obs_dim:
+        raise DatasetError(f"{path}: observations have shape {obs.shape}, but {domain}'s have {obs_dim} features")
+    data, n, sizes = {}, len(obs), {"obs": (obs_dim,), "act": (act_dim,), "": ()}
+    for key, (size, kind) in keys.items():
         value, expected = raw[key], "floats" if kind == "f" else "booleans"
-        if value.shape != (n, *shape):
-            raise DatasetError(f"{path}: {key} has shape {value.shape}, expected {(n, *shape)}")
+        if value.shape != (n, *sizes[size]):
+            raise DatasetError(f"{path}: {key} has shape {value.shape}, expected {(n, *sizes[size])}")
         if value.dtype.kind not in ("fiu" if kind == "f" else "biu"):
             raise DatasetError(f"{path}: {key} has dtype {value.dtype}, expected {expected}")
         if kind == "f" and not np.isfinite(value).all():
@@ -431,12 +496,15 @@ def load_dataset(path):
     if n == 0:
         raise DatasetError(f"{path}: the dataset is empty")
     if np.abs(data["actions"]).max() > 1.0 + 1e-6:
-        raise DatasetError(f"{path}: actions outside [-1, 1], the Walker2d action space")
+        raise DatasetError(f"{path}: actions outside [-1, 1], the action space")
     return task, data
 
 
-def relabel(data, tasks):
+def relabel(data, tasks, domain="mt-walker2d"):
     """Rewards and terminals of every transition under every task: (N, len(tasks)) arrays."""
+    if domain != "mt-walker2d":
+        reached = maze_rewards(domain, tasks, data["next_observations"])
+        return reached.astype(np.float32), reached
     actions, next_obs, x_velocity = data["actions"], data["next_observations"], data["x_velocity"]
     rewards = np.stack([task_rewards(t, actions, next_obs, x_velocity) for t in tasks], 1).astype(np.float32)
     return rewards, np.stack([task_terminals(t, next_obs) for t in tasks], 1)
@@ -444,24 +512,26 @@ def relabel(data, tasks):
 
 def load_mixture(args):
     """Load one dataset per task into one buffer: transitions of all tasks, relabelled to all tasks."""
+    tasks, _, _, mixtures = DOMAINS[args.domain]
     for task in args.tasks:
-        if task not in TASKS:
-            raise DatasetError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        if task not in tasks:
+            raise DatasetError(f"unknown task {task!r} of {args.domain}; choose from {', '.join(tasks)}")
     if len(set(args.tasks)) != len(args.tasks):
         raise DatasetError(f"each task may appear once in --tasks, got {' '.join(args.tasks)}")
     if args.datasets and len(args.datasets) != len(args.tasks):
         raise DatasetError(f"--datasets needs one file per task ({len(args.tasks)}), got {len(args.datasets)}")
-    if not args.datasets and args.mixture not in MIXTURES:
-        raise DatasetError(f"unknown mixture {args.mixture!r}; choose from {', '.join(MIXTURES)}")
-    paths = list(args.datasets) or [os.path.join(HERE, "data", MIXTURES[args.mixture][t] + ".npz") for t in args.tasks]
+    if not args.datasets and args.mixture not in mixtures:
+        raise DatasetError(f"unknown mixture {args.mixture!r} of {args.domain}; choose from {', '.join(mixtures)}")
+    shipped = [mixtures[args.mixture][tasks.index(t)] for t in args.tasks] if not args.datasets else []
+    paths = list(args.datasets) or [os.path.join(HERE, "data", name + ".npz") for name in shipped]
     parts = []
     for task, path in zip(args.tasks, paths):
-        source_task, data = load_dataset(path)
+        source_task, data = load_dataset(path, args.domain)
         if source_task != task:
             raise DatasetError(f"{path} holds {source_task} data but was given for task {task}")
         parts.append(data)
-    buffer = {key: np.concatenate([p[key] for p in parts]) for key in DATASET_KEYS}
-    buffer["rewards_all"], buffer["terminals_all"] = relabel(buffer, args.tasks)
+    buffer = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    buffer["rewards_all"], buffer["terminals_all"] = relabel(buffer, args.tasks, args.domain)
     buffer["source"] = np.concatenate([np.full(len(p["rewards"]), i) for i, p in enumerate(parts)])
     buffer["sizes"] = np.array([len(p["rewards"]) for p in parts])
     return buffer, paths
@@ -478,11 +548,16 @@ def setup(args, limits):
     if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         fail(f"--device must be auto, cpu or cuda (with a CUDA device present), got {args.device!r}")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if args.domain not in DOMAINS:
+        fail(f"unknown domain {args.domain!r}; choose from {', '.join(DOMAINS)}")
+    args.tasks = args.tasks or DOMAINS[args.domain][0]  # by default every task and the first mixture of the domain
+    args.mixture = args.mixture or next(iter(DOMAINS[args.domain][3]))
     try:
         data, paths = load_mixture(args)
     except DatasetError as e:
         fail(str(e))
-    path = os.path.join(HERE, "data", "reference.json")  # random and expert returns: the D4RL-style 0-100 score
+    path = os.path.join(HERE, "data", "" if args.domain == "mt-walker2d" else args.domain, "reference.json")
+    # random and expert returns (mazes: success rates of a random policy and of the scripted controller): 0-100
     ref = json.load(open(path))["tasks"] if os.path.isfile(path) else {}
     reference = {t: (ref[t]["random_return"], ref[t]["expert_return"]) for t in args.tasks if t in ref}
     random.seed(args.seed)
@@ -510,7 +585,10 @@ class Run:
     def __init__(self, args, device, info, total_steps, state, summary=()):
         self.args, self.device, self.info, self.total_steps, self.state = args, device, info, total_steps, state
         self.summary_keys, self.step, self.evals, self.wall_before = summary, 0, [], 0.0  # summary: names in `state`
-        self.name = f"{args.exp_name}__{args.mixture if not args.datasets else 'custom'}__{args.seed}"
+        mixture = args.mixture if not args.datasets else "custom"
+        self.name = (
+            f"{args.exp_name}__{mixture if args.domain == 'mt-walker2d' else args.domain + '-' + mixture}__{args.seed}"
+        )
         self.dir, self.ckpt_path = os.path.join("runs", self.name), os.path.join("runs", self.name, "checkpoint.pt")
         if os.path.exists(self.ckpt_path) and not args.resume:
             fail(
@@ -597,7 +675,7 @@ class Run:
         self.check_finite()
         args, info, out = self.args, self.info, {"step": self.step}
         norm = info["obs_mean"], info["obs_std"]
-        returns = evaluate(actor, args.tasks, args.eval_episodes, *norm, args.seed * 100_000, self.device)
+        returns = evaluate(actor, args.domain, args.tasks, args.eval_episodes, *norm, args.seed * 100_000, self.device)
         for i, task in enumerate(args.tasks):
             ret = float(returns[task].mean())
             random_return, expert_return = info["reference"].get(task, (math.nan, math.nan))  # 0-100: random to expert

@@ -34,7 +34,25 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("run_forward", "run_backward", "jump")
+TASKS = ("run_forward", "run_backward", "jump")  # MT-Walker2d's; a maze's are its goals (tasks_of)
+MAZE_GOALS = {"maze-medium": 3, "maze-large": 7}
+
+
+def tasks_of(mixture):
+    """The tasks of a grid mixture: MT-Walker2d's, or goal_0, goal_1, ... of the maze that names it."""
+    for maze, n in MAZE_GOALS.items():
+        if mixture.startswith(maze + "-"):
+            return tuple(f"goal_{k}" for k in range(n))
+    return TASKS
+
+
+def domain_flags(mixture):
+    """The script flags of a grid mixture: a maze's is <domain>-<its mixture>, e.g. maze-medium-undirected."""
+    for maze in MAZE_GOALS:
+        if mixture.startswith(maze + "-"):
+            return ["--domain", maze, "--mixture", mixture[len(maze) + 1 :]]
+    return ["--mixture", mixture]
+
 
 # method name -> (script, its flags)
 METHODS = {
@@ -84,9 +102,21 @@ BUDGETS = {
 BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
 BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}
 BUDGETS["cpu-80k"] = {**BUDGETS["cpu"], "steps": 80_000}
+# the mazes' configuration that fits 2 CPU cores: smaller networks for the 4-dim observations (2x128), 4 sampled actions
+# of each kind, 30k gradient steps (the learning curve in benchmark/README.md, Maze budget, chose them)
+BUDGETS["maze"] = {
+    "steps": 30_000,
+    "eval_every": 1_000,
+    "common": ["--n-hidden", "2", "--hidden-dim", "128"],
+    "per_script": {**BUDGETS["cpu"]["per_script"]},
+}
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
+    "maze-medium-undirected": list(METHODS),
+    "maze-medium-directed": list(METHODS),
+    "maze-large-undirected": ["cql_noshare", "cql_shareall", "cql_cds"],
+    "maze-large-directed": ["cql_noshare", "cql_shareall", "cql_cds"],
 }
 
 
@@ -95,12 +125,12 @@ class Args:
     mode: str = "run"
     """`run` the grid, or `report` the finished runs"""
     budget: str = "cpu"
-    """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the
-    same, 20k, 40k and 80k steps) or `paper` (every script at its defaults, 1M steps)"""
+    """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
+    80k steps), `maze` (the mazes' reduced configuration) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
-    """dataset mixtures"""
+    """dataset mixtures: imbalanced, all-medium, or a maze's maze-medium-undirected, maze-large-directed, ..."""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of every (method, mixture)"""
     workers: int = 2
@@ -162,8 +192,7 @@ def command(method, mixture, seed, args):
         os.path.join(ROOT, script + ".py"),
         "--exp-name",
         method,
-        "--mixture",
-        mixture,
+        *domain_flags(mixture),
         "--seed",
         str(seed),
         "--device",
@@ -279,7 +308,6 @@ def mean_std(values, digits=1):
 
 # the batch each task trains on, CDS's routing (and Q-hat of own vs routed data), HCSAC's relabelling, BRAC's D_KL
 DIAGNOSTIC_PREFIXES = ("batch/", "cds/", "relabel/", "brac/")
-PAIRS = [(src, dst) for dst in TASKS for src in TASKS if src != dst]  # (source task, target task)
 
 
 def tensorboard_diagnostics(run_dir):
@@ -310,51 +338,54 @@ def last_quarter(runs, tag):
     return mean_std([r.get("diagnostics", {}).get(tag, {}).get("last_quarter") for r in runs], digits)
 
 
-def pair_table(methods, summaries, tag_of_pair, heading):
+def pair_table(methods, summaries, tag_of_pair, heading, tasks=TASKS):
     """One row per method that logged tag_of_pair(src, dst) for some pair, one column per source → target pair."""
-    rows = [m for m in methods if any(tag_of_pair(*p) in r.get("diagnostics", {}) for r in summaries[m] for p in PAIRS)]
+    pairs = [(src, dst) for dst in tasks for src in tasks if src != dst]  # (source task, target task)
+    rows = [m for m in methods if any(tag_of_pair(*p) in r.get("diagnostics", {}) for r in summaries[m] for p in pairs)]
     if not rows:
         return []
     lines = [f"\n{heading}, mean over the last quarter of training:\n"]
     lines += [
-        "| method | " + " | ".join(f"{src} → {dst}" for src, dst in PAIRS) + " |",
-        "|---" * (1 + len(PAIRS)) + "|",
+        "| method | " + " | ".join(f"{src} → {dst}" for src, dst in pairs) + " |",
+        "|---" * (1 + len(pairs)) + "|",
     ]
     for m in rows:
-        lines.append(f"| {m} | " + " | ".join(last_quarter(summaries[m], tag_of_pair(*p)) for p in PAIRS) + " |")
+        lines.append(f"| {m} | " + " | ".join(last_quarter(summaries[m], tag_of_pair(*p)) for p in pairs) + " |")
     return lines
 
 
 def diagnostics_tables(mixture, methods, summaries):
     """Markdown tables of the sharing diagnostics: the make-up of each task's batch, CDS's routing and Q-hat,
     HCSAC's relabelling, BRAC's D_KL."""
-    summaries = {m: summaries[(mixture, m)] for m in methods}
+    summaries, tasks = {m: summaries[(mixture, m)] for m in methods}, tasks_of(mixture)
     lines = pair_table(
         methods,
         summaries,
         lambda src, dst: f"batch/{dst}/from_{src}",
         "Share of each target task's batch drawn from each source task (weighted by the transitions' training weights)",
+        tasks,
     )
     lines += pair_table(
         methods,
         summaries,
         lambda src, dst: f"cds/{src}_to_{dst}/routed_fraction",
         "CDS: fraction of each source task's candidates routed to each target task (the paper's CDS weight)",
+        tasks,
     )
-    cds = [m for m in methods if any(f"cds/{TASKS[0]}/q_own" in r.get("diagnostics", {}) for r in summaries[m])]
+    cds = [m for m in methods if any(f"cds/{tasks[0]}/q_own" in r.get("diagnostics", {}) for r in summaries[m])]
     if cds:
         lines += [
             (
                 "\nConservative Q-hat of each task's own batch and of the data routed to it, and the fraction of all "
                 "its candidates routed, mean over the last quarter of training:\n"
             ),
-            "| method | " + " | ".join(f"{t} Q-hat own / routed / fraction" for t in TASKS) + " |",
-            "|---" * (1 + len(TASKS)) + "|",
+            "| method | " + " | ".join(f"{t} Q-hat own / routed / fraction" for t in tasks) + " |",
+            "|---" * (1 + len(tasks)) + "|",
         ]
         for m in cds:
             cells = [
                 " / ".join(last_quarter(summaries[m], f"cds/{t}/{k}") for k in ("q_own", "q_routed", "routed_fraction"))
-                for t in TASKS
+                for t in tasks
             ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += pair_table(
@@ -362,48 +393,49 @@ def diagnostics_tables(mixture, methods, summaries):
         summaries,
         lambda src, dst: f"relabel/{src}_to_{dst}/added_fraction",
         "HCSAC: share of each source task's whole dataset added to each target task at the heuristic relabelling",
+        tasks,
     )
-    brac = [m for m in methods if any(f"brac/{TASKS[0]}/kl" in r.get("diagnostics", {}) for r in summaries[m])]
+    brac = [m for m in methods if any(f"brac/{tasks[0]}/kl" in r.get("diagnostics", {}) for r in summaries[m])]
     if brac:
         lines += [
             (
                 "\nD_KL(π ‖ π_β) per task (the actor against the behaviour model of the data the task trains on), "
                 "mean over the last quarter of training:\n"
             ),
-            "| method | " + " | ".join(TASKS) + " |",
-            "|---" * (1 + len(TASKS)) + "|",
+            "| method | " + " | ".join(tasks) + " |",
+            "|---" * (1 + len(tasks)) + "|",
         ]
         for m in brac:
-            lines.append(f"| {m} | " + " | ".join(last_quarter(summaries[m], f"brac/{t}/kl") for t in TASKS) + " |")
+            lines.append(f"| {m} | " + " | ".join(last_quarter(summaries[m], f"brac/{t}/kl") for t in tasks) + " |")
     return lines
 
 
 LATE_EVALS = 5
 
 
-def late_scores(runs):
+def late_scores(runs, tasks=TASKS):
     """Each run's average normalised score (over tasks) averaged over its last LATE_EVALS evaluations."""
     return [
-        np.mean([e[t]["normalized_score"] for e in r["evals"][-LATE_EVALS:] for t in TASKS])
+        np.mean([e[t]["normalized_score"] for e in r["evals"][-LATE_EVALS:] for t in tasks])
         for r in runs
         if r.get("evals")
     ]
 
 
-def late_table(methods, runs_of_methods):
+def late_table(methods, runs_of_methods, tasks=TASKS):
     """Returns averaged over each run's last LATE_EVALS evaluations: steadier than one final evaluation
     when the policy still swings from one evaluation to the next."""
     lines = [
         f"\nMean over the last {LATE_EVALS} evaluations of each run, then mean ± std over seeds:\n",
-        "| method | " + " | ".join(TASKS) + " | average | avg. normalised |",
-        "|---" * (3 + len(TASKS)) + "|",
+        "| method | " + " | ".join(tasks) + " | average | avg. normalised |",
+        "|---" * (3 + len(tasks)) + "|",
     ]
     for method, runs in zip(methods, runs_of_methods):
         late = [r["evals"][-LATE_EVALS:] for r in runs if r.get("evals")]
-        row = [method] + [mean_std([np.mean([e[t]["return"] for e in evals]) for evals in late]) for t in TASKS]
+        row = [method] + [mean_std([np.mean([e[t]["return"] for e in evals]) for evals in late]) for t in tasks]
         row += [
-            mean_std([np.mean([e[t]["return"] for e in evals for t in TASKS]) for evals in late]),
-            mean_std(late_scores(runs)),
+            mean_std([np.mean([e[t]["return"] for e in evals for t in tasks]) for evals in late]),
+            mean_std(late_scores(runs, tasks)),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -439,29 +471,31 @@ def report(args):
         methods = [m for m in (args.methods or GRID[mixture]) if (mixture, m) in summaries]
         if not methods:
             continue
+        tasks = tasks_of(mixture)
         lines += [
             f"\n## {mixture}\n",
             (
-                "Return at the end of training (final) and at the evaluation with the best average normalised score, "
-                "mean ± std over seeds; normalised score 0 = random policy, 100 = the dataset's expert policy.\n"
+                "Return (a maze: success rate) at the end of training (final) and at the evaluation with the best "
+                "average normalised score, mean ± std over seeds; normalised score 0 = random policy, 100 = the "
+                "expert (the walker's expert behaviour policy; a maze's scripted controller).\n"
             ),
             "| method | seeds | steps | "
-            + " | ".join(f"{t} final" for t in TASKS)
+            + " | ".join(f"{t} final" for t in tasks)
             + " | average final | average at the best evaluation | avg. normalised final |",
-            "|---" * (6 + len(TASKS)) + "|",
+            "|---" * (6 + len(tasks)) + "|",
         ]
         for method in methods:
             runs = summaries[(mixture, method)]
             finals = [r["final"] for r in runs if r.get("final")]
             row = [method, str(len(runs)), ", ".join(sorted({str(r["steps_done"]) for r in runs}))]
-            row += [mean_std([f[t]["return"] for f in finals]) for t in TASKS]
+            row += [mean_std([f[t]["return"] for f in finals]) for t in tasks]
             row += [
                 mean_std([f["average_return"] for f in finals]),
                 mean_std([r["best"]["average_return"] for r in runs if r.get("best")]),
                 mean_std([f["average_normalized_score"] for f in finals]),
             ]
             lines.append("| " + " | ".join(row) + " |")
-        lines += late_table(methods, [summaries[(mixture, m)] for m in methods])
+        lines += late_table(methods, [summaries[(mixture, m)] for m in methods], tasks)
         lines += diagnostics_tables(mixture, methods, summaries)
         if plot_scores(summaries, mixture, methods, os.path.join(out_dir, f"scores_{mixture}.png")):
             lines.append(f"\n![average normalised score of each seed, {mixture}](scores_{mixture}.png)")
@@ -516,7 +550,7 @@ def plot_scores(summaries, mixture, methods, path):
     for ax, (family, members) in zip(axes[0], panels):
         ax.axhline(0.0, color="gray", linestyle="--", linewidth=1, label="random policy")
         for x, method in enumerate(members):
-            scores = late_scores(summaries[(mixture, method)])
+            scores = late_scores(summaries[(mixture, method)], tasks_of(mixture))
             offsets = np.linspace(-0.12, 0.12, len(scores)) if len(scores) > 1 else [0.0]
             ax.scatter(x + np.asarray(offsets), scores, s=22, color=f"C{x}", zorder=3)
             ax.hlines(np.mean(scores), x - 0.3, x + 0.3, color="black", linewidth=2, zorder=4)
@@ -539,8 +573,9 @@ def plot_scores(summaries, mixture, methods, path):
 def plot_curves(summaries, mixture, methods, path):
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
-    for ax, task in zip(axes, TASKS):
+    tasks = tasks_of(mixture)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6))
+    for ax, task in zip(axes, tasks):
         for method in methods:
             curves = [[(e["step"], e[task]["return"]) for e in r["evals"]] for r in summaries[(mixture, method)]]
             length = min(len(c) for c in curves)

@@ -70,7 +70,7 @@ def matmul_throughput(device, dtype, n=2048, repeats=20):
 
 def run_main(module, steps, **overrides):
     """Run the script's main for `steps` updates without evaluation; returns its printed output."""
-    module.evaluate = lambda actor, tasks, episodes, *a, **k: {t: torch.zeros(episodes).numpy() for t in tasks}
+    module.evaluate = lambda actor, domain, tasks, episodes, *a, **k: {t: torch.zeros(episodes).numpy() for t in tasks}
     names = module.Args.__dataclass_fields__
     fields = {
         "total_steps": steps,

@@ -296,3 +296,19 @@ def test_mean_std_gives_no_spread_for_one_seed():
     assert run.mean_std([1.0, 2.0]) == "1.5 ± 0.5"
     assert run.mean_std([3.0, float("nan"), None]) == "3.0"  # one finite value: its mean, no "± 0.0"
     assert run.mean_std([float("nan")]) == "n/a"
+
+
+def test_the_maze_grid_passes_its_domain_and_reports_its_goals(tmp_path):
+    out = runner("--print-commands", "--budget", "maze", "--seeds", "1", "--mixtures", "maze-medium-undirected",
+                 "maze-large-directed", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in out.stdout.splitlines()]
+    assert len(commands) == 9 + 3  # every method on maze-medium, the CQL three on maze-large
+    for c in commands:
+        domain, mixture = c[c.index("--domain") + 1], c[c.index("--mixture") + 1]
+        assert (domain, mixture) in {("maze-medium", "undirected"), ("maze-large", "directed")}
+        length = c[c.index("--total-steps") + 1] if "--total-steps" in c else c[c.index("--epochs") + 1]
+        assert c[c.index("--hidden-dim") + 1] == "128" and length in ("30000", "100")
+    run = load_runner()
+    assert run.tasks_of("maze-large-directed") == tuple(f"goal_{k}" for k in range(7))
+    assert run.tasks_of("imbalanced") == ("run_forward", "run_backward", "jump")

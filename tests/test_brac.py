@@ -297,13 +297,17 @@ def test_sample_batch_for_each_share_mode(m):
         return torch.stack([index, index + 1000 * (task_ids == 0)])
 
     torch.manual_seed(0)
-    batch, stats = m.sample_batch(buf, starts, sizes, critic, m.Args(share="none", batch_size=3000))
+    batch, stats = m.sample_batch(
+        buf, starts, sizes, critic, m.Args(share="none", batch_size=3000, tasks=("run_forward", "run_backward", "jump"))
+    )
     assert stats == {} and (batch["weights"] == 1).all()
     for i in range(3):
         rows = batch["obs"][i, :, 0].long()
         assert (buf["source"][rows] == i).all()
         torch.testing.assert_close(batch["rewards"][i], (rows * 3 + i).float())  # relabelled to task i
-    batch, stats = m.sample_batch(buf, starts, sizes, critic, m.Args(share="all", batch_size=3000))
+    batch, stats = m.sample_batch(
+        buf, starts, sizes, critic, m.Args(share="all", batch_size=3000, tasks=("run_forward", "run_backward", "jump"))
+    )
     for i in range(3):
         rows = batch["obs"][i, :, 0].long()
         assert set(buf["source"][rows].tolist()) == {0, 1, 2}
@@ -312,7 +316,13 @@ def test_sample_batch_for_each_share_mode(m):
     assert stats["batch/jump/from_run_forward"].item() == pytest.approx(0.5, abs=0.03)
     assert stats["batch/run_forward/from_jump"].item() == pytest.approx(0.2, abs=0.03)
     assert len(stats) == 6 and all(key.startswith("batch/") for key in stats)
-    batch, stats = m.sample_batch(buf, starts, sizes, critic, m.Args(batch_size=2000, cds_candidates=2000))
+    batch, stats = m.sample_batch(
+        buf,
+        starts,
+        sizes,
+        critic,
+        m.Args(batch_size=2000, cds_candidates=2000, tasks=("run_forward", "run_backward", "jump")),
+    )
     weights, rows = batch["weights"], batch["obs"][..., 0].long()
     assert (weights[:, :2000] == 1).all()  # the own batch is always trained on
     assert (weights[0, 2000:] == 1).all()  # task 0 (median ~24.5): every candidate (indices >= 50) routed

@@ -88,7 +88,7 @@ def test_noshare_and_shareall_sampling():
     sizes = torch.tensor([50, 30, 20])
     starts = torch.cumsum(sizes, 0) - sizes
     buf = fake_buffer([50, 30, 20])
-    args = load_module("cql_mt_noshare").Args(batch_size=5000)
+    args = load_module("cql_mt_noshare").Args(batch_size=5000, tasks=("run_forward", "run_backward", "jump"))
     torch.manual_seed(0)
     batch, stats = load_module("cql_mt_noshare").sample_batch(buf, starts, sizes, None, args)
     assert stats == {}
@@ -123,7 +123,9 @@ def test_cds_batch_routes_by_the_min_of_the_twin_critics():
         return torch.stack([index, index + 1000 * (task_ids == 0)])
 
     assert m.conservative_q(critic, buf, torch.tensor([[3, 70]])).tolist() == [[3.0, 70.0]]
-    args = m.Args(batch_size=2000, cds_candidates=2000, cds_percentile=50.0)
+    args = m.Args(
+        batch_size=2000, cds_candidates=2000, cds_percentile=50.0, tasks=("run_forward", "run_backward", "jump")
+    )
     torch.manual_seed(0)
     batch, stats = m.sample_batch(buf, starts, sizes, critic, args)
     weights, rows = batch["weights"], batch["obs"][..., 0].long()
@@ -368,7 +370,7 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         (["--datasets", str(tmp_path / "missing.npz"), *small_datasets[1:]], "dataset file not found"),
         (["--datasets", str(tmp_path), *small_datasets[1:]], "is a directory; a dataset is one .npz file per task"),
         (["--tasks", "run_forward", "fly"], "unknown task 'fly'"),
-        (["--datasets", bad_obs, *small_datasets[1:]], "observations have shape (600, 11), but Walker2d-v5's have 17"),
+        (["--datasets", bad_obs, *small_datasets[1:]], "observations have shape (600, 11), but mt-walker2d's have 17"),
         (
             ["--datasets", small_datasets[1], small_datasets[0], small_datasets[2]],
             "holds run_backward data but was given for task run_forward",

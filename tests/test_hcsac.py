@@ -109,7 +109,9 @@ def test_heuristic_relabel_rebuilds_from_the_original_data(modules):
 def small_buffer(modules, small_datasets):
     """The buffer main() builds, without normalisation, from the small datasets."""
     hcsac = modules["hcsac"]
-    data, _ = hcsac.load_mixture(hcsac.Args(datasets=tuple(small_datasets)))
+    data, _ = hcsac.load_mixture(
+        hcsac.Args(datasets=tuple(small_datasets), tasks=("run_forward", "run_backward", "jump"))
+    )
     buf = {
         "obs": torch.tensor(data["observations"]),
         "next_obs": torch.tensor(data["next_observations"]),
@@ -127,7 +129,7 @@ def test_shared_transitions_carry_the_target_tasks_reward_and_terminal(modules, 
     q = torch.tensor(np.random.default_rng(0).normal(size=(3, len(data["rewards"]))), dtype=torch.float32)
     indices, sizes, _, added = hcsac.heuristic_relabel(q, buf["source"], 50.0)
     assert (added.sum(0) > 0).all()  # every task received transitions of the others
-    for i, (task, members) in enumerate(zip(hcsac.TASKS, torch.split(indices, sizes.tolist()))):
+    for i, (task, members) in enumerate(zip(hcsac.WALKER_TASKS, torch.split(indices, sizes.tolist()))):
         rows = torch.zeros(3, len(members), dtype=torch.long)
         rows[i] = members
         batch = hcsac.gather(buf, rows, torch.ones(rows.shape))  # row i is read as task i
@@ -157,7 +159,11 @@ def test_sample_batch_draws_from_the_active_datasets_only(modules):
         "source": source,
     }
     torch.manual_seed(0)
-    batch, stats = hcsac.sample_batch(buf, {"indices": indices, "sizes": sizes}, hcsac.Args(batch_size=2000))
+    batch, stats = hcsac.sample_batch(
+        buf,
+        {"indices": indices, "sizes": sizes},
+        hcsac.Args(batch_size=2000, tasks=("run_forward", "run_backward", "jump")),
+    )
     drawn = batch["obs"][:, :, 0].long()  # obs carries its own buffer index
     for i, members in enumerate(active_sets(indices, sizes)):
         assert set(drawn[i].tolist()) == set(members)  # all of D_i*, nothing else
@@ -173,7 +179,7 @@ def test_sample_batch_before_any_relabelling_is_the_no_sharing_batch(modules, sm
     hcsac, noshare = modules["hcsac"], modules["cql_mt_noshare"]
     data, buf = small_buffer(modules, small_datasets)
     sizes = torch.tensor(data["sizes"])
-    args = hcsac.Args(batch_size=64)
+    args = hcsac.Args(batch_size=64, tasks=("run_forward", "run_backward", "jump"))
     torch.manual_seed(0)
     ours, _ = hcsac.sample_batch(buf, {"indices": torch.arange(len(data["rewards"])), "sizes": sizes}, args)
     torch.manual_seed(0)

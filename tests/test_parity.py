@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PRESENT, ROOT
+from conftest import PRESENT, ROOT, load_module
 
 # Pieces every training script carries, word for word: the task suite, the networks' constants, the loss helpers,
 # evaluation, and all the plumbing below the PLUMBING banner.
 SHARED = [
-    "TASKS",
+    "WALKER_TASKS",
     "INIT_HEIGHT",
-    "OBS_DIM",
-    "ACT_DIM",
     "task_terminals",
     "task_rewards",
     "JumpReward",
@@ -29,7 +27,14 @@ SHARED = [
     "per_task_mean",
     "gather",
     "evaluate",
-    "MIXTURES",
+    "MAZE_START",
+    "GOAL_RADIUS",
+    "MAZES",
+    "goal_xy",
+    "FixedGoalMaze",
+    "make_maze_env",
+    "maze_rewards",
+    "DOMAINS",
     "DATASET_KEYS",
     "FIRST_PROGRESS_S",
     "PROGRESS_EVERY_S",
@@ -149,9 +154,12 @@ def test_cql_loss_is_identical_in_cql_scripts(modules):
         assert source(modules[script], "cql_losses") == source(modules["cql_mt_noshare"], "cql_losses"), script
 
 
-def test_collection_script_shares_the_task_suite(modules):  # the collection script needs no plumbing
-    for name in ("TASKS", "INIT_HEIGHT", "task_terminals", "task_rewards", "JumpReward", "make_env"):
+def test_collection_scripts_share_the_task_suites(modules):  # the collection scripts need no plumbing
+    for name in ("WALKER_TASKS", "INIT_HEIGHT", "task_terminals", "task_rewards", "JumpReward", "make_env"):
         assert source(modules["collect_datasets"], name) == source(modules["cql_mt_noshare"], name), name
+    collect_maze = load_module("collect_maze")
+    for name in ("MAZE_START", "GOAL_RADIUS", "MAZES", "goal_xy", "FixedGoalMaze", "make_maze_env", "maze_rewards"):
+        assert source(collect_maze, name) == source(modules["cql_mt_noshare"], name), name
 
 
 def test_rewards_and_terminals_agree_on_random_inputs(modules):
@@ -160,7 +168,7 @@ def test_rewards_and_terminals_agree_on_random_inputs(modules):
     next_obs = rng.normal(0, 1, (500, 17)).astype(np.float32)
     next_obs[:, 0] = rng.uniform(0.5, 2.5, 500)  # heights on both sides of every threshold
     x_velocity = rng.normal(0, 3, 500).astype(np.float32)
-    for task in modules["cql_mt_noshare"].TASKS:
+    for task in modules["cql_mt_noshare"].WALKER_TASKS:
         ref_r = modules["collect_datasets"].task_rewards(task, actions, next_obs, x_velocity)
         ref_d = modules["collect_datasets"].task_terminals(task, next_obs)
         for script in PRESENT:
@@ -172,7 +180,7 @@ def test_loader_and_relabelling_agree(modules, small_datasets):
     outputs = {}
     for script in PRESENT:
         task, data = modules[script].load_dataset(small_datasets[0])
-        outputs[script] = (task, data, modules[script].relabel(data, modules[script].TASKS))
+        outputs[script] = (task, data, modules[script].relabel(data, modules[script].WALKER_TASKS))
     task0, data0, (r0, d0) = outputs["cql_mt_noshare"]
     for task, data, (r, d) in outputs.values():
         assert task == task0
@@ -226,7 +234,9 @@ def test_evaluation_agrees(modules):
         m = modules[script]
         torch.manual_seed(0)
         actor = m.Actor(3, 16, 1)
-        returns = m.evaluate(actor, m.TASKS, 1, np.zeros(17), np.ones(17), seed=3, device=torch.device("cpu"))
+        returns = m.evaluate(
+            actor, "mt-walker2d", m.WALKER_TASKS, 1, np.zeros(17), np.ones(17), seed=3, device=torch.device("cpu")
+        )
         results[script] = {t: r.tolist() for t, r in returns.items()}
     first = next(iter(results.values()))
     assert all(r == first for r in results.values())

@@ -32,12 +32,13 @@ def test_speed_worker_counts_the_cql_update_flops(modules):
     # matrix products of one update at the defaults, in multiply-adds, counted by hand
     m = modules["cql_mt_noshare"]
     args = m.Args()
-    rows = len(args.tasks) * args.batch_size
+    tasks, obs_dim, act_dim, _ = m.DOMAINS[args.domain]
+    rows = len(tasks) * args.batch_size
     h, hidden = args.hidden_dim, args.n_hidden
-    critic_in = m.OBS_DIM + len(args.tasks) + m.ACT_DIM
-    actor_in = m.OBS_DIM + len(args.tasks)
+    critic_in = obs_dim + len(tasks) + act_dim
+    actor_in = obs_dim + len(tasks)
     critic_row = critic_in * h + (hidden - 1) * h * h + h  # one critic, one row, forward
-    actor_row = actor_in * h + (hidden - 1) * h * h + h * 2 * m.ACT_DIM
+    actor_row = actor_in * h + (hidden - 1) * h * h + h * 2 * act_dim
     cql_rows = rows * (1 + 3 * args.cql_n_actions)  # data action + n uniform + n pi(.|s) + n pi(.|s')
     critic_macs = 2 * (  # the twin critics
         rows * critic_row * 2  # Q(s, pi(s)) for the actor: forward and the gradient to the actions

@@ -50,8 +50,8 @@ def test_relabelled_reward_and_terminal_equal_the_target_environment(m, source):
     actions = np.stack([r[2] for r in rows])
     next_obs = np.stack([r[3] for r in rows])
     x_velocity = np.stack([r[4] for r in rows])
-    terminal_seen = {t: 0 for t in m.TASKS}
-    for target in m.TASKS:
+    terminal_seen = {t: 0 for t in m.WALKER_TASKS}
+    for target in m.WALKER_TASKS:
         relabelled_r = m.task_rewards(target, actions, next_obs, x_velocity)
         relabelled_d = m.task_terminals(target, next_obs)
         env = m.make_env(target)
@@ -70,9 +70,9 @@ def test_relabelled_reward_and_terminal_equal_the_target_environment(m, source):
 
 def test_relabel_gives_every_task_a_column(m, small_datasets):
     task, data = m.load_dataset(small_datasets[2])
-    rewards, terminals = m.relabel(data, m.TASKS)
+    rewards, terminals = m.relabel(data, m.WALKER_TASKS)
     assert rewards.shape == terminals.shape == (len(data["rewards"]), 3)
-    own = m.TASKS.index(task)
+    own = m.WALKER_TASKS.index(task)
     np.testing.assert_allclose(rewards[:, own], data["rewards"], atol=1e-4)
     np.testing.assert_array_equal(terminals[:, own], data["terminals"])
 
@@ -109,8 +109,8 @@ def test_loader_accepts_a_good_file(m, small_datasets):
         ("short_field", "rewards has shape (599,), expected (600,)"),
         ("nan", "observations contains NaN or inf"),
         ("inf", "x_velocity contains NaN or inf"),
-        ("obs_size", "observations have shape (600, 11), but Walker2d-v5's have 17 features"),
-        ("obs_scalar", "observations have shape (), but Walker2d-v5's have 17 features"),
+        ("obs_size", "observations have shape (600, 11), but mt-walker2d's have 17 features"),
+        ("obs_scalar", "observations have shape (), but mt-walker2d's have 17 features"),
         ("unknown_task", "unknown task 'fly'"),
         ("actions_range", "actions outside [-1, 1]"),
     ],
