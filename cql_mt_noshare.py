@@ -35,11 +35,9 @@ class Args:
     torch_deterministic: bool = True  # deterministic torch algorithms (the same seed on CPU gives the same losses)
     device: str = "auto"  # `auto` (CUDA when present), `cpu` or `cuda`
     domain: str = "mt-walker2d"  # `mt-walker2d`, `maze-medium` (3 goals) or `maze-large` (7 goals); README, Tasks
-    mixture: str = (
-        ""  # shipped data (data/README.md); walker: imbalanced (default), all-medium; mazes: undirected, directed
-    )
-    tasks: tuple[str, ...] = ()  # tasks to train and evaluate (default: all the domain's), in one-hot order
-    datasets: tuple[str, ...] = ()  # your own .npz files, one per task in the order of --tasks (default: the mixture's)
+    mixture: str = ""  # shipped data: walker imbalanced (default) or all-medium; mazes undirected (default), directed
+    tasks: tuple[str, ...] = ()  # tasks to train and evaluate, by task index; none given: all of the domain's
+    datasets: tuple[str, ...] = ()  # your own .npz files, one per task in the order of --tasks (data/README.md)
     total_steps: int = 1_000_000  # gradient steps, each on a batch of every task (CDS paper: 1M)
     batch_size: int = 256  # transitions per task per gradient step (CDS paper: 256)
     gamma: float = 0.99  # discount

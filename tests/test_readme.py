@@ -45,3 +45,20 @@ def test_every_readme_command_parses_with_its_own_cli(readme, command):
         tyro.cli(module.Args, args=[w for w in words[2:] if w != "--help"])
     except SystemExit as e:
         pytest.fail(f"{readme}: {command!r} does not parse (exit {e.code})")
+
+
+@pytest.mark.parametrize("script", ["cql_mt_noshare", "cql_mt_shareall", "cql_mt_cds", "brac_mt_cds", "hcsac"])
+def test_every_flag_has_its_help_and_names_no_internal_source(script):
+    """--help is a reference card: each field says what it does in at most two short lines, and cites papers or the
+    HCSAC slides, never the project's internal file names."""
+    source = open(os.path.join(ROOT, script + ".py")).read()
+    args = source[source.index("class Args:") : source.index("\n\n\n", source.index("class Args:"))]
+    fields = re.findall(r"^    (\w+): [^=]+= .*$", args, re.M)
+    for name in fields:
+        line = re.search(rf"^    {name}: [^\n]*(?:\n    \"\"\"(.*?)\"\"\")?", args, re.M | re.S)
+        inline = "  # " in line.group(0).splitlines()[0]
+        docstring = line.group(1)
+        assert inline or docstring, f"{script}.{name} has no help"
+        if docstring:
+            assert len(docstring.splitlines()) <= 2, f"{script}.{name}: help over two lines"
+    assert not re.search(r"seed 00\d", args), script
