@@ -685,7 +685,8 @@ class Run:
         for key, value in keys + [(f"average_{k}", out[f"average_{k}"]) for k in ("return", "normalized_score")]:
             self.writer.add_scalar(f"eval/{key}", value, self.step)
         self.evals.append(out)
-        scores = ", ".join(f"{t} {out[t]['return']:.0f} ({out[t]['normalized_score']:.1f})" for t in args.tasks)
+        digits = 0 if args.domain == "mt-walker2d" else 2  # a maze's return is its success rate
+        scores = ", ".join(f"{t} {out[t]['return']:.{digits}f} ({out[t]['normalized_score']:.1f})" for t in args.tasks)
         print(f"eval @ {self.step}: {scores}; average score {out['average_normalized_score']:.1f}", flush=True)
         self.write_summary(finished=self.step == self.total_steps)
 
