@@ -228,6 +228,93 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def sac_networks(args):
+    """The SAC learner: actor, twin critics and their targets, optimisers, entropy temperature (all checkpointed)."""
+    nets = {"actor": Actor(), "qf1": Critic(), "qf2": Critic(), "qf1_target": Critic(), "qf2_target": Critic()}
+    nets["qf1_target"].load_state_dict(nets["qf1"].state_dict())
+    nets["qf2_target"].load_state_dict(nets["qf2"].state_dict())
+    critic_params = list(nets["qf1"].parameters()) + list(nets["qf2"].parameters())
+    nets["q_optim"] = torch.optim.Adam(critic_params, lr=args.lr)
+    nets["actor_optim"] = torch.optim.Adam(nets["actor"].parameters(), lr=args.lr)
+    log_alpha = torch.zeros(1, requires_grad=True)
+    nets["alpha_optim"] = torch.optim.Adam([log_alpha], lr=args.lr)
+    return nets, log_alpha
+
+
+def sac_update(nets, log_alpha, b, args, target_entropy=-6.0):
+    """One SAC gradient step on the batch b: critics, then actor, then temperature, then the targets."""
+    qf1, qf2, actor = nets["qf1"], nets["qf2"], nets["actor"]
+    alpha = log_alpha.exp().detach()
+    with torch.no_grad():
+        next_action, next_log_prob = actor.sample(b["next_observations"])
+        next_q1 = nets["qf1_target"](b["next_observations"], next_action)
+        next_q = torch.min(next_q1, nets["qf2_target"](b["next_observations"], next_action)) - alpha * next_log_prob
+        target = b["rewards"] + args.gamma * (1.0 - b["terminals"].float()) * next_q
+    q_loss = F.mse_loss(qf1(b["observations"], b["actions"]), target)
+    q_loss = q_loss + F.mse_loss(qf2(b["observations"], b["actions"]), target)
+    nets["q_optim"].zero_grad()
+    q_loss.backward()
+    nets["q_optim"].step()
+
+    new_action, log_prob = actor.sample(b["observations"])
+    q_new = torch.min(qf1(b["observations"], new_action), qf2(b["observations"], new_action))
+    actor_loss = (alpha * log_prob - q_new).mean()
+    nets["actor_optim"].zero_grad()
+    actor_loss.backward()
+    nets["actor_optim"].step()
+    alpha_loss = -(log_alpha.exp() * (log_prob.detach() + target_entropy)).mean()
+    nets["alpha_optim"].zero_grad()
+    alpha_loss.backward()
+    nets["alpha_optim"].step()
+    with torch.no_grad():
+        for net, tgt in ((qf1, nets["qf1_target"]), (qf2, nets["qf2_target"])):
+            for p, tp in zip(net.parameters(), tgt.parameters()):
+                tp.mul_(1 - args.tau).add_(args.tau * p)
+
+
+def resume_sac(ckpt_path, nets, log_alpha, buffer, task):
+    """Restore a train_task checkpoint into nets, log_alpha and buffer; returns (step, evals)."""
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for key, module in nets.items():
+        module.load_state_dict(ckpt[key])
+    with torch.no_grad():
+        log_alpha.copy_(ckpt["log_alpha"])
+    step, evals = ckpt["step"], ckpt["evals"]
+    for key in BUFFER_KEYS:
+        buffer[key][:step] = ckpt["buffer"][key]
+    if step > 0 and not (buffer["terminals"][step - 1] or buffer["timeouts"][step - 1]):
+        buffer["timeouts"][step - 1] = True  # the episode in progress was cut by the interruption
+    np.random.set_state(ckpt["numpy_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    random.setstate(ckpt["python_rng"])
+    print(f"[{task}] resumed at step {step}", flush=True)
+    return step, evals
+
+
+def save_sac(ckpt_path, nets, log_alpha, buffer, step, evals, args, task, seed):
+    state = {key: module.state_dict() for key, module in nets.items()}
+    state |= {"log_alpha": log_alpha.detach().clone(), "step": step, "evals": evals,
+              "buffer": {k: v[:step] for k, v in buffer.items()}, "numpy_rng": np.random.get_state(),
+              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "args": asdict(args),
+              "task": task, "seed": seed}  # fmt: skip
+    save_atomic(state, ckpt_path)
+
+
+def evaluate_snapshot(eval_env, actor, step, run_dir, evals, args, task, start, start_step):
+    """Evaluate the actor, keep its weights as a snapshot with its return, and print progress."""
+    _, returns = run_episodes(eval_env, actor.act, n_episodes=args.eval_episodes, seed=10_000 + step)
+    snapshot = os.path.join(run_dir, "snapshots", f"actor_{step:07d}.pt")
+    torch.save(actor.state_dict(), snapshot)
+    evals.append({"step": step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+                  "snapshot": snapshot})  # fmt: skip
+    sps = (step - start_step) / (time.time() - start)
+    eta = (args.total_steps - step) / max(sps, 1e-9) / 60
+    print(f"[{task}] step {step} return {returns.mean():.1f} ± {returns.std():.1f} SPS {sps:.0f} ETA {eta:.0f} min",
+          flush=True)  # fmt: skip
+    with open(os.path.join(run_dir, "evals.json"), "w") as f:
+        json.dump(evals, f, indent=1)
+
+
 def train_task(args: Args, task: str, seed: int):
     """Online SAC on one task, checkpointed; keeps an actor snapshot at every evaluation."""
     torch.set_num_threads(args.threads)
@@ -239,79 +326,21 @@ def train_task(args: Args, task: str, seed: int):
     torch.manual_seed(seed)
     env, eval_env = make_env(task), make_env(task)
     env.action_space.seed(seed)
-    actor, qf1, qf2 = Actor(), Critic(), Critic()
-    qf1_target, qf2_target = Critic(), Critic()
-    qf1_target.load_state_dict(qf1.state_dict())
-    qf2_target.load_state_dict(qf2.state_dict())
-    q_optim = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.lr)
-    actor_optim = torch.optim.Adam(actor.parameters(), lr=args.lr)
-    log_alpha = torch.zeros(1, requires_grad=True)
-    alpha_optim = torch.optim.Adam([log_alpha], lr=args.lr)
-    target_entropy = -6.0
+    nets, log_alpha = sac_networks(args)
     buffer, step, evals = new_buffer(args.total_steps), 0, []
-
     if os.path.exists(ckpt_path):
         if not args.resume:
             raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or remove {args.work_dir}")
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        for module, key in (
-            (actor, "actor"),
-            (qf1, "qf1"),
-            (qf2, "qf2"),
-            (qf1_target, "qf1_target"),
-            (qf2_target, "qf2_target"),
-            (q_optim, "q_optim"),
-            (actor_optim, "actor_optim"),
-            (alpha_optim, "alpha_optim"),
-        ):
-            module.load_state_dict(ckpt[key])
-        with torch.no_grad():
-            log_alpha.copy_(ckpt["log_alpha"])
-        step, evals = ckpt["step"], ckpt["evals"]
-        for key in BUFFER_KEYS:
-            buffer[key][:step] = ckpt["buffer"][key]
-        if step > 0 and not (buffer["terminals"][step - 1] or buffer["timeouts"][step - 1]):
-            buffer["timeouts"][step - 1] = True  # the episode in progress was cut by the interruption
-        np.random.set_state(ckpt["numpy_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        random.setstate(ckpt["python_rng"])
-        print(f"[{task}] resumed at step {step}", flush=True)
+        step, evals = resume_sac(ckpt_path, nets, log_alpha, buffer, task)
     if step >= args.total_steps:
         print(f"[{task}] already finished ({step} steps)", flush=True)
         return
 
-    def checkpoint():
-        save_atomic(
-            {
-                "actor": actor.state_dict(),
-                "qf1": qf1.state_dict(),
-                "qf2": qf2.state_dict(),
-                "qf1_target": qf1_target.state_dict(),
-                "qf2_target": qf2_target.state_dict(),
-                "q_optim": q_optim.state_dict(),
-                "actor_optim": actor_optim.state_dict(),
-                "alpha_optim": alpha_optim.state_dict(),
-                "log_alpha": log_alpha.detach().clone(),
-                "step": step,
-                "evals": evals,
-                "buffer": {k: v[:step] for k, v in buffer.items()},
-                "numpy_rng": np.random.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                "args": asdict(args),
-                "task": task,
-                "seed": seed,
-            },
-            ckpt_path,
-        )
-
+    actor = nets["actor"]
     obs, _ = env.reset(seed=seed + 1000 * step)
     start, start_step = time.time(), step
     while step < args.total_steps:
-        if step < args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            action = actor.act(obs)
+        action = env.action_space.sample() if step < args.learning_starts else actor.act(obs)
         next_obs, reward, terminated, truncated, info = env.step(action)
         for key, value in zip(BUFFER_KEYS, (obs, action, next_obs, reward, terminated, truncated, info["x_velocity"])):
             buffer[key][step] = value
@@ -319,67 +348,15 @@ def train_task(args: Args, task: str, seed: int):
         obs = next_obs
         if terminated or truncated:
             obs, _ = env.reset()
-
         if step >= args.learning_starts:
             idx = np.random.randint(0, step, args.batch_size)
-            b = {k: torch.as_tensor(buffer[k][idx]) for k in BUFFER_KEYS}
-            alpha = log_alpha.exp().detach()
-            with torch.no_grad():
-                next_action, next_log_prob = actor.sample(b["next_observations"])
-                next_q = (
-                    torch.min(
-                        qf1_target(b["next_observations"], next_action), qf2_target(b["next_observations"], next_action)
-                    )
-                    - alpha * next_log_prob
-                )
-                target = b["rewards"] + args.gamma * (1.0 - b["terminals"].float()) * next_q
-            q_loss = F.mse_loss(qf1(b["observations"], b["actions"]), target) + F.mse_loss(
-                qf2(b["observations"], b["actions"]), target
-            )
-            q_optim.zero_grad()
-            q_loss.backward()
-            q_optim.step()
-
-            new_action, log_prob = actor.sample(b["observations"])
-            q_new = torch.min(qf1(b["observations"], new_action), qf2(b["observations"], new_action))
-            actor_loss = (alpha * log_prob - q_new).mean()
-            actor_optim.zero_grad()
-            actor_loss.backward()
-            actor_optim.step()
-            alpha_loss = -(log_alpha.exp() * (log_prob.detach() + target_entropy)).mean()
-            alpha_optim.zero_grad()
-            alpha_loss.backward()
-            alpha_optim.step()
-            with torch.no_grad():
-                for net, tgt in ((qf1, qf1_target), (qf2, qf2_target)):
-                    for p, tp in zip(net.parameters(), tgt.parameters()):
-                        tp.mul_(1 - args.tau).add_(args.tau * p)
-
+            sac_update(nets, log_alpha, {k: torch.as_tensor(buffer[k][idx]) for k in BUFFER_KEYS}, args)
         if step % args.eval_every == 0:
-            _, returns = run_episodes(eval_env, actor.act, n_episodes=args.eval_episodes, seed=10_000 + step)
-            snapshot = os.path.join(run_dir, "snapshots", f"actor_{step:07d}.pt")
-            torch.save(actor.state_dict(), snapshot)
-            evals.append(
-                {
-                    "step": step,
-                    "return_mean": float(returns.mean()),
-                    "return_std": float(returns.std()),
-                    "snapshot": snapshot,
-                }
-            )
-            sps = (step - start_step) / (time.time() - start)
-            eta = (args.total_steps - step) / max(sps, 1e-9) / 60
-            print(
-                f"[{task}] step {step} return {returns.mean():.1f} ± {returns.std():.1f} "
-                f"SPS {sps:.0f} ETA {eta:.0f} min",
-                flush=True,
-            )
-            with open(os.path.join(run_dir, "evals.json"), "w") as f:
-                json.dump(evals, f, indent=1)
+            evaluate_snapshot(eval_env, actor, step, run_dir, evals, args, task, start, start_step)
         if step % args.checkpoint_every == 0 or step == args.total_steps:
             if not (buffer["terminals"][step - 1] or buffer["timeouts"][step - 1]) and step == args.total_steps:
                 buffer["timeouts"][step - 1] = True  # training ends mid-episode
-            checkpoint()
+            save_sac(ckpt_path, nets, log_alpha, buffer, step, evals, args, task, seed)
     print(f"[{task}] finished {step} steps", flush=True)
 
 

@@ -261,7 +261,7 @@ def test_batch_sources_measure_the_share_of_each_batch_by_weight(modules):
 
 def test_no_function_is_longer_than_80_lines():
     """The training loop reads in one screen, and so does every piece it calls."""
-    for script in PRESENT:
+    for script in [*PRESENT, "collect_datasets", "collect_maze", "benchmark/run", "benchmark/speed"]:
         tree = ast.parse(open(os.path.join(ROOT, script + ".py")).read())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef):
