@@ -103,13 +103,15 @@ BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
 BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}
 BUDGETS["cpu-80k"] = {**BUDGETS["cpu"], "steps": 80_000}
 # the mazes' configuration that fits 2 CPU cores: smaller networks for the 4-dim observations (2x128), 4 sampled actions
-# of each kind, 30k gradient steps (the learning curve in benchmark/README.md, Maze budget, chose them)
+# of each kind, 10k gradient steps (the 30k-step learning curve in benchmark/README.md, Maze budget, chose them)
 BUDGETS["maze"] = {
-    "steps": 30_000,
+    "steps": 10_000,
     "eval_every": 1_000,
     "common": ["--n-hidden", "2", "--hidden-dim", "128"],
     "per_script": {**BUDGETS["cpu"]["per_script"]},
 }
+# the budget probe that chose it: the same configuration for 30k steps
+BUDGETS["maze-30k"] = {**BUDGETS["maze"], "steps": 30_000}
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -126,7 +128,8 @@ class Args:
     """`run` the grid, or `report` the finished runs"""
     budget: str = "cpu"
     """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
-    80k steps), `maze` (the mazes' reduced configuration) or `paper` (every script at its defaults, 1M steps)"""
+    80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe) or `paper`
+    (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")

@@ -308,7 +308,7 @@ def test_the_maze_grid_passes_its_domain_and_reports_its_goals(tmp_path):
         domain, mixture = c[c.index("--domain") + 1], c[c.index("--mixture") + 1]
         assert (domain, mixture) in {("maze-medium", "undirected"), ("maze-large", "directed")}
         length = c[c.index("--total-steps") + 1] if "--total-steps" in c else c[c.index("--epochs") + 1]
-        assert c[c.index("--hidden-dim") + 1] == "128" and length in ("30000", "100")
+        assert c[c.index("--hidden-dim") + 1] == "128" and length in ("10000", "100")
     run = load_runner()
     assert run.tasks_of("maze-large-directed") == tuple(f"goal_{k}" for k in range(7))
     assert run.tasks_of("imbalanced") == ("run_forward", "run_backward", "jump")
