@@ -425,9 +425,9 @@ def late_scores(runs, tasks=TASKS):
     ]
 
 
-def late_table(methods, runs_of_methods, tasks=TASKS):
-    """Returns averaged over each run's last LATE_EVALS evaluations: steadier than one final evaluation
-    when the policy still swings from one evaluation to the next."""
+def late_table(methods, runs_of_methods, tasks=TASKS, scale=1):
+    """Returns (times scale: 100 shows a maze's success rate in %) averaged over each run's last LATE_EVALS
+    evaluations: steadier than one final evaluation when the policy still swings from one evaluation to the next."""
     lines = [
         f"\nMean over the last {LATE_EVALS} evaluations of each run, then mean ± std over seeds:\n",
         "| method | " + " | ".join(tasks) + " | average | avg. normalised |",
@@ -435,9 +435,10 @@ def late_table(methods, runs_of_methods, tasks=TASKS):
     ]
     for method, runs in zip(methods, runs_of_methods):
         late = [r["evals"][-LATE_EVALS:] for r in runs if r.get("evals")]
-        row = [method] + [mean_std([np.mean([e[t]["return"] for e in evals]) for evals in late]) for t in tasks]
+        row = [method]
+        row += [mean_std([scale * np.mean([e[t]["return"] for e in evals]) for evals in late]) for t in tasks]
         row += [
-            mean_std([np.mean([e[t]["return"] for e in evals for t in tasks]) for evals in late]),
+            mean_std([scale * np.mean([e[t]["return"] for e in evals for t in tasks]) for evals in late]),
             mean_std(late_scores(runs, tasks)),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -474,11 +475,11 @@ def report(args):
         methods = [m for m in (args.methods or GRID[mixture]) if (mixture, m) in summaries]
         if not methods:
             continue
-        tasks = tasks_of(mixture)
+        tasks, scale = tasks_of(mixture), 100 if mixture.startswith("maze-") else 1  # a maze: success in %
         lines += [
             f"\n## {mixture}\n",
             (
-                "Return (a maze: success rate) at the end of training (final) and at the evaluation with the best "
+                "Return (a maze: success rate in %) at the end of training (final) and at the evaluation with the best "
                 "average normalised score, mean ± std over seeds; normalised score 0 = random policy, 100 = the "
                 "expert (the walker's expert behaviour policy; a maze's scripted controller).\n"
             ),
@@ -491,14 +492,14 @@ def report(args):
             runs = summaries[(mixture, method)]
             finals = [r["final"] for r in runs if r.get("final")]
             row = [method, str(len(runs)), ", ".join(sorted({str(r["steps_done"]) for r in runs}))]
-            row += [mean_std([f[t]["return"] for f in finals]) for t in tasks]
+            row += [mean_std([scale * f[t]["return"] for f in finals]) for t in tasks]
             row += [
-                mean_std([f["average_return"] for f in finals]),
-                mean_std([r["best"]["average_return"] for r in runs if r.get("best")]),
+                mean_std([scale * f["average_return"] for f in finals]),
+                mean_std([scale * r["best"]["average_return"] for r in runs if r.get("best")]),
                 mean_std([f["average_normalized_score"] for f in finals]),
             ]
             lines.append("| " + " | ".join(row) + " |")
-        lines += late_table(methods, [summaries[(mixture, m)] for m in methods], tasks)
+        lines += late_table(methods, [summaries[(mixture, m)] for m in methods], tasks, scale)
         lines += diagnostics_tables(mixture, methods, summaries)
         if plot_scores(summaries, mixture, methods, os.path.join(out_dir, f"scores_{mixture}.png")):
             lines.append(f"\n![average normalised score of each seed, {mixture}](scores_{mixture}.png)")
