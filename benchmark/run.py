@@ -103,7 +103,7 @@ BUDGETS["cpu-20k"] = {**BUDGETS["cpu"], "steps": 20_000}
 BUDGETS["cpu-40k"] = {**BUDGETS["cpu"], "steps": 40_000}
 BUDGETS["cpu-80k"] = {**BUDGETS["cpu"], "steps": 80_000}
 # the mazes' configuration that fits 2 CPU cores: smaller networks for the 4-dim observations (2x128), 4 sampled actions
-# of each kind, 10k gradient steps (the 30k-step learning curve in benchmark/README.md, Maze budget, chose them)
+# of each kind, 10k gradient steps (the 30k-step learning curve in benchmark/README.md, ### maze, chose them)
 BUDGETS["maze"] = {
     "steps": 10_000,
     "eval_every": 1_000,
