@@ -177,6 +177,16 @@ def test_the_readme_tables_match_the_files():
             assert float(value) == pytest.approx(100 * info[key], abs=0.051), (domain, task, key)
 
 
+def test_the_goal_reaches_probe_output_is_what_it_prints_for_the_shipped_data(tmp_path):
+    """benchmark/diagnostics/maze/maze_goal_reaches.txt, which benchmark/README.md quotes, is the probe's output."""
+    probe = os.path.join("benchmark", "diagnostics", "maze", "maze_goal_reaches")
+    out = run_script(probe, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == open(os.path.join(ROOT, probe + ".txt")).read()
+    # medium, directed: goal_0's file reaches goal_0 only
+    assert "goal_0      40100      257 |   257     0     0 |  257    0    0" in out.stdout
+
+
 def test_the_readme_command_parses():
     commands = re.findall(r"^(python collect_maze\.py.*)$", maze_readme(), re.M)
     assert commands, "data/README.md gives the command that made the maze data"
