@@ -19,7 +19,10 @@ import shutil
 import signal
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
@@ -32,16 +35,20 @@ from torch.utils.tensorboard import SummaryWriter
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+HINTS = ("the domain's first", "all of the domain's", "the domain's shipped files")  # defaults that follow --domain
+FIRST, ALL, SHIPPED = (tyro.conf.arg(help_behavior_hint=f"(default: {hint})") for hint in HINTS)
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the run goes to runs/<exp_name>__<mixture>__<seed>
     seed: int = 1  # seed of torch, numpy, random and the evaluation environments
     torch_deterministic: bool = True  # deterministic torch algorithms (the same seed on CPU gives the same losses)
     device: str = "auto"  # `auto` (CUDA when present), `cpu` or `cuda`
-    domain: str = "mt-walker2d"  # `mt-walker2d`, `maze-medium` (3 goals) or `maze-large` (7 goals); README, Tasks
-    mixture: str = ""  # shipped data: walker imbalanced (default) or all-medium; mazes undirected (default), directed
-    tasks: tuple[str, ...] = ()  # tasks to train and evaluate, by task index; none given: all of the domain's
-    datasets: tuple[str, ...] = ()  # your own .npz files, one per task in the order of --tasks (data/README.md)
+    domain: str = "mt-walker2d"  # mt-walker2d, maze-medium, maze-large or dmc-walker (README, Domains)
+    mixture: Annotated[str, FIRST] = ""  # which shipped data to train on (README, Domains)
+    tasks: Annotated[tuple[str, ...], ALL] = ()  # the task names to train and evaluate
+    datasets: Annotated[tuple[str, ...], SHIPPED] = ()  # your own .npz files, one per task (data/README.md)
     total_steps: int = 1_000_000  # gradient steps, each on a batch of every task (CDS paper: 1M)
     batch_size: int = 256  # transitions per task per gradient step (CDS paper: 256)
     gamma: float = 0.99  # discount
@@ -85,112 +92,6 @@ LIMITS = {  # the interval of every numeric flag, checked before anything is cre
     "eval_freq": "[1, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)", "checkpoint_freq": "[1, inf)",
     "cds_percentile": "[0, 100]", "cds_candidates": "[1, inf)",
 }  # fmt: skip
-
-
-# ---- Tasks: rewards and terminals follow from stored fields, so any transition relabels exactly to any task of its
-# ---- domain. MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks).
-WALKER_TASKS = ("run_forward", "run_backward", "jump")
-INIT_HEIGHT = 1.25  # h0: Walker2d's initial torso height
-
-
-def task_terminals(task, next_obs):
-    """Terminal flag of `task` for transitions ending in next_obs (17-dim Walker2d-v5 obs)."""
-    h, angle = next_obs[..., 0], next_obs[..., 1]
-    upright = (angle > -1.0) & (angle < 1.0)
-    if task == "jump":  # jump: healthy while h > 0.8 (no upper bound) and upright
-        return ~((h > 0.8) & upright)
-    return ~((h > 0.8) & (h < 2.0) & upright)  # running: 0.8 < h < 2 and upright
-
-
-def task_rewards(task, actions, next_obs, x_velocity):
-    """Reward of `task`; the +1 healthy bonus is paid only when s' is healthy (Walker2d-v5)."""
-    healthy = 1.0 - task_terminals(task, next_obs).astype(np.float32)
-    ctrl_cost = 1e-3 * np.square(actions).sum(-1)
-    if task == "run_forward":  # r = 1 + v - 0.001|a|^2
-        return healthy + x_velocity - ctrl_cost
-    if task == "run_backward":  # r = 1 - v - 0.001|a|^2
-        return healthy - x_velocity - ctrl_cost
-    if task == "jump":  # r = 1 + 10 (h - h0) - |v| - 0.001|a|^2
-        return healthy + 10.0 * (next_obs[..., 0] - INIT_HEIGHT) - np.abs(x_velocity) - ctrl_cost
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
-
-
-class JumpReward(gym.Wrapper):
-    """Walker2d-v5 with the jump reward: 1 + 10 (h - h0) - |v| - 0.001|a|^2."""
-
-    def step(self, action):
-        obs, _, terminated, truncated, info = self.env.step(action)
-        reward = info["reward_survive"] + 10.0 * (obs[0] - INIT_HEIGHT) - abs(info["x_velocity"]) + info["reward_ctrl"]
-        return obs, reward, terminated, truncated, info
-
-
-def make_env(task):
-    """Gymnasium Walker2d-v5 whose rewards and terminations are those of `task`."""
-    if task == "run_forward":
-        return gym.make("Walker2d-v5")
-    if task == "run_backward":
-        return gym.make("Walker2d-v5", forward_reward_weight=-1.0)
-    if task == "jump":
-        return JumpReward(gym.make("Walker2d-v5", forward_reward_weight=0.0, healthy_z_range=(0.8, float("inf"))))
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
-
-
-# ---- Mazes: the CDS paper's AntMaze protocol on Gymnasium-Robotics' PointMaze; a goal cell of its maps per task.
-MAZE_START, GOAL_RADIUS = (1, 1), 0.45  # every episode starts in this cell (D4RL's AntMaze); the success distance
-MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task)
-    "maze-medium": ("PointMaze_Medium-v3", (8, 8), ((2, 6), (5, 1), (6, 5))),
-    "maze-large": ("PointMaze_Large-v3", (9, 12), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))),
-}
-
-
-def goal_xy(domain, task):
-    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells (scaling 1)."""
-    _, (rows, cols), goals = MAZES[domain]
-    row, col = goals[int(task[5:])]
-    return np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
-
-
-class FixedGoalMaze(gym.Wrapper):
-    """PointMaze, goal fixed at its cell's centre, start in MAZE_START +-0.25: obs (x, y, vx, vy), reward 1 at goal."""
-
-    def __init__(self, env, goal_cell, goal):
-        super().__init__(env)
-        self.goal_cell, self.goal = np.array(goal_cell), goal
-        self.observation_space = env.observation_space["observation"]
-
-    def reset(self, seed=None, options=None):
-        obs, info = self.env.reset(seed=seed, options={"goal_cell": self.goal_cell, "reset_cell": np.array(MAZE_START)})
-        self.env.unwrapped.goal = self.goal.copy()  # the goal without the environment's position noise
-        return obs["observation"], info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        return obs["observation"], reward, terminated, truncated, info
-
-
-def make_maze_env(domain, task):
-    """The task's PointMaze: sparse reward, terminal on success, truncated at the registered limit (600 / 800 steps)."""
-    with contextlib.redirect_stderr(io.StringIO()):  # the package prints a notice about other environments on import
-        import gymnasium_robotics
-    gym.register_envs(gymnasium_robotics)
-    env_id, _, goals = MAZES[domain]
-    return FixedGoalMaze(gym.make(env_id, continuing_task=False), goals[int(task[5:])], goal_xy(domain, task))
-
-
-def maze_rewards(domain, tasks, next_obs):
-    """Rewards = terminals of every task: 1 where s' lies within GOAL_RADIUS of the task's goal. (N, len(tasks))."""
-    goals = np.stack([goal_xy(domain, t) for t in tasks])
-    return np.linalg.norm(next_obs[:, None, :2] - goals[None], axis=-1) <= GOAL_RADIUS
-
-
-DOMAINS = {  # domain: (tasks, observation size, action size, {mixture: one shipped file data/<name>.npz per task})
-    "mt-walker2d": (WALKER_TASKS, 17, 6, {
-        "imbalanced": ("run_forward_medium_replay", "run_backward_medium", "jump_expert"),
-        "all-medium": ("run_forward_medium", "run_backward_medium", "jump_medium")}),
-}  # fmt: skip
-for maze, (_, _, goals) in MAZES.items():  # task goal_k: reach goal cell k; files data/<maze>/<mixture>_<task>.npz
-    tasks = tuple(f"goal_{k}" for k in range(len(goals)))
-    DOMAINS[maze] = (tasks, 4, 2, {m: tuple(f"{maze}/{m}_{t}" for t in tasks) for m in ("undirected", "directed")})
 
 
 # ---- Networks: a tanh-Gaussian actor and behaviour model, and twin critics, fed [normalised obs, task one-hot].
@@ -442,8 +343,7 @@ def sample_batch(buf, starts, sizes, critic, args):
 # ---- Evaluation: every task's episodes stepped together, one actor pass per step for all of them.
 def evaluate(actor, domain, tasks, episodes, obs_mean, obs_std, seed, device):
     """Mean-action returns (in a maze: 1 for a success, else 0): {task: array of `episodes` returns}."""
-    make = make_env if domain == "mt-walker2d" else functools.partial(make_maze_env, domain)
-    envs = [(i, make(task)) for i, task in enumerate(tasks) for _ in range(episodes)]
+    envs = [(i, DOMAINS[domain].make_env(task)) for i, task in enumerate(tasks) for _ in range(episodes)]
     obs = np.stack([env.reset(seed=seed + k)[0] for k, (_, env) in enumerate(envs)])
     returns, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
     task_ids = torch.tensor([i for i, _ in envs], device=device)
@@ -522,7 +422,11 @@ def main(args: Args):
         fail("--target-kl learns log alpha, starting from --alpha: give it an --alpha above 0")
     if len(args.tasks) < 2 and args.share == "cds":
         fail("CDS shares data between tasks: give it at least two --tasks (or --share none)")
-    n_tasks, sizes, dims = len(args.tasks), buf["sizes"], DOMAINS[args.domain][1:3]  # observation and action sizes
+    n_tasks, sizes, dims = (
+        len(args.tasks),
+        buf["sizes"],
+        (DOMAINS[args.domain].obs_dim, DOMAINS[args.domain].act_dim),
+    )  # observation and action sizes
     starts = torch.cumsum(sizes, 0) - sizes
     # the targets are built from the data's rewards only, so no fixed point rates the data above max r / (1 - gamma)
     q_ceilings = (buf["rewards_all"].max(0).values / (1.0 - args.gamma)).tolist()
@@ -586,11 +490,195 @@ def main(args: Args):
     run.finish()
 
 
+# ==== DOMAINS, identical in every script and pinned by tests/test_parity.py: one record per benchmark. The method,
+# ==== the evaluation and the plumbing read a domain only through its record (README, Domains). =====================
+@dataclass(frozen=True)
+class Domain:
+    tasks: tuple[str, ...]  # task names, in the order of the networks' task ids
+    obs_dim: int  # observation size (and act_dim, the action size; every action lies in [-1, 1])
+    act_dim: int
+    mixtures: dict  # mixture: one shipped file per task, data/<data_dir>/<name>.npz; the first is the default
+    data_dir: str  # the shipped files' folder under data/, with reference.json (random and expert scores)
+    fields: tuple[str, ...]  # the per-transition fields the relabelling reads beside actions and s' (data/README.md)
+    make_env: Callable  # task -> its Gymnasium environment: that task's reward and episode end
+    relabel: Callable  # (data, tasks) -> rewards, terminals: every transition under every task, (N, len(tasks))
+    success: bool  # an episode's return is its success, 0 or 1 (else a return to normalise)
+    run_prefix: str  # run folders are runs/<exp_name>__<run_prefix><mixture>__<seed>
+
+
+# ---- MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks); x_velocity is stored.
+WALKER_TASKS = ("run_forward", "run_backward", "jump")
+INIT_HEIGHT = 1.25  # h0: Walker2d's initial torso height
+
+
+def task_terminals(task, next_obs):
+    """Terminal flag of `task` for transitions ending in next_obs (17-dim Walker2d-v5 obs)."""
+    h, angle = next_obs[..., 0], next_obs[..., 1]
+    upright = (angle > -1.0) & (angle < 1.0)
+    if task == "jump":  # jump: healthy while h > 0.8 (no upper bound) and upright
+        return ~((h > 0.8) & upright)
+    return ~((h > 0.8) & (h < 2.0) & upright)  # running: 0.8 < h < 2 and upright
+
+
+def task_rewards(task, actions, next_obs, x_velocity):
+    """Reward of `task`; the +1 healthy bonus is paid only when s' is healthy (Walker2d-v5)."""
+    healthy = 1.0 - task_terminals(task, next_obs).astype(np.float32)
+    ctrl_cost = 1e-3 * np.square(actions).sum(-1)
+    if task == "run_forward":  # r = 1 + v - 0.001|a|^2
+        return healthy + x_velocity - ctrl_cost
+    if task == "run_backward":  # r = 1 - v - 0.001|a|^2
+        return healthy - x_velocity - ctrl_cost
+    if task == "jump":  # r = 1 + 10 (h - h0) - |v| - 0.001|a|^2
+        return healthy + 10.0 * (next_obs[..., 0] - INIT_HEIGHT) - np.abs(x_velocity) - ctrl_cost
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
+
+
+class JumpReward(gym.Wrapper):
+    """Walker2d-v5 with the jump reward: 1 + 10 (h - h0) - |v| - 0.001|a|^2."""
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        reward = info["reward_survive"] + 10.0 * (obs[0] - INIT_HEIGHT) - abs(info["x_velocity"]) + info["reward_ctrl"]
+        return obs, reward, terminated, truncated, info
+
+
+def make_env(task):
+    """Gymnasium Walker2d-v5 whose rewards and terminations are those of `task`."""
+    if task == "run_forward":
+        return gym.make("Walker2d-v5")
+    if task == "run_backward":
+        return gym.make("Walker2d-v5", forward_reward_weight=-1.0)
+    if task == "jump":
+        return JumpReward(gym.make("Walker2d-v5", forward_reward_weight=0.0, healthy_z_range=(0.8, float("inf"))))
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
+
+
+def walker_relabel(data, tasks):
+    actions, next_obs, x_velocity = data["actions"], data["next_observations"], data["x_velocity"]
+    rewards = np.stack([task_rewards(t, actions, next_obs, x_velocity) for t in tasks], 1).astype(np.float32)
+    return rewards, np.stack([task_terminals(t, next_obs) for t in tasks], 1)
+
+
+DOMAINS = {"mt-walker2d": Domain(WALKER_TASKS, 17, 6, {
+    "imbalanced": ("run_forward_medium_replay", "run_backward_medium", "jump_expert"),
+    "all-medium": ("run_forward_medium", "run_backward_medium", "jump_medium"),
+}, "", ("x_velocity",), make_env, walker_relabel, success=False, run_prefix="")}  # fmt: skip
+
+
+# ---- Mazes: the CDS paper's AntMaze protocol on Gymnasium-Robotics' PointMaze; a goal cell of its maps per task.
+MAZE_START, GOAL_RADIUS = (1, 1), 0.45  # every episode starts in this cell (D4RL's AntMaze); the success distance
+MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task)
+    "maze-medium": ("PointMaze_Medium-v3", (8, 8), ((2, 6), (5, 1), (6, 5))),
+    "maze-large": ("PointMaze_Large-v3", (9, 12), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))),
+}
+
+
+def goal_xy(domain, task):
+    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells (scaling 1)."""
+    _, (rows, cols), goals = MAZES[domain]
+    row, col = goals[int(task[5:])]
+    return np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
+
+
+class FixedGoalMaze(gym.Wrapper):
+    """PointMaze, goal fixed at its cell's centre, start in MAZE_START +-0.25: obs (x, y, vx, vy), reward 1 at goal."""
+
+    def __init__(self, env, goal_cell, goal):
+        super().__init__(env)
+        self.goal_cell, self.goal = np.array(goal_cell), goal
+        self.observation_space = env.observation_space["observation"]
+
+    def reset(self, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options={"goal_cell": self.goal_cell, "reset_cell": np.array(MAZE_START)})
+        self.env.unwrapped.goal = self.goal.copy()  # the goal without the environment's position noise
+        return obs["observation"], info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs["observation"], reward, terminated, truncated, info
+
+
+def make_maze_env(domain, task):
+    """The task's PointMaze: sparse reward, terminal on success, truncated at the registered limit (600 / 800 steps)."""
+    with contextlib.redirect_stderr(io.StringIO()):  # the package prints a notice about other environments on import
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    env_id, _, goals = MAZES[domain]
+    return FixedGoalMaze(gym.make(env_id, continuing_task=False), goals[int(task[5:])], goal_xy(domain, task))
+
+
+def maze_rewards(domain, tasks, next_obs):
+    """Rewards = terminals of every task: 1 where s' lies within GOAL_RADIUS of the task's goal. (N, len(tasks))."""
+    goals = np.stack([goal_xy(domain, t) for t in tasks])
+    return np.linalg.norm(next_obs[:, None, :2] - goals[None], axis=-1) <= GOAL_RADIUS
+
+
+def maze_relabel(domain, data, tasks):
+    reached = maze_rewards(domain, tasks, data["next_observations"])
+    return reached.astype(np.float32), reached
+
+
+for maze, (_, _, goals) in MAZES.items():  # task goal_k: reach goal cell k; files data/<maze>/<mixture>_<task>.npz
+    tasks = tuple(f"goal_{k}" for k in range(len(goals)))
+    DOMAINS[maze] = Domain(tasks, 4, 2, {m: tuple(f"{m}_{t}" for t in tasks) for m in ("undirected", "directed")},
+                           maze, (), functools.partial(make_maze_env, maze), functools.partial(maze_relabel, maze),
+                           success=True, run_prefix=maze + "-")  # fmt: skip
+
+
+# ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's inputs are stored.
+DMC_SPEEDS, STAND_HEIGHT = {"walk": 1.0, "run": 8.0}, 1.2  # dm-control's walker: target speeds, standing height
+
+
+class DmcWalker(gym.Wrapper):
+    """dm-control's walker through Shimmy, the observation flattened to 24 numbers: obs[0] the torso's height, obs[1:15]
+    each body's xx and xz rotation entries (obs[1], the torso's xx, is its zz, the reward's uprightness: the walker
+    turns only about y), obs[15:] velocities. info adds the x-speed of the torso's subtree centre of mass at s'."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = info | {"horizontal_velocity": self.env.unwrapped.physics.horizontal_velocity()}
+        return obs, reward, terminated, truncated, info
+
+
+def make_dmc_env(task):
+    """dm-control's walker-<task> (walk: speed 1, run: speed 8) through Shimmy: 1,000 steps, no terminals."""
+    try:
+        with warnings.catch_warnings():  # dm-control warns when no display is present for rendering
+            warnings.simplefilter("ignore")
+            import shimmy
+    except ImportError:
+        raise ImportError(
+            "dmc-walker needs dm-control and Shimmy: pip install dm-control 'shimmy[dm-control]'"
+        ) from None
+    gym.register_envs(shimmy)
+    return DmcWalker(gym.wrappers.FlattenObservation(gym.make(f"dm_control/walker-{task}-v0")))
+
+
+def dmc_relabel(data, tasks):
+    """dm-control's PlanarWalker.get_reward written out: standing x (5 moving + 1) / 6. Its `tolerance` is 1 inside
+    the bounds and falls off with the distance d beyond them, in units of the margin: exp(-d^2 ln 10) (Gaussian, 0.1
+    at the margin) for the torso's height, max(0, 1 - d / 2) (linear, 0.5 at the margin) for the speed."""
+    next_obs, speed = data["next_observations"].astype(np.float64), data["horizontal_velocity"].astype(np.float64)
+    d_height = np.maximum(STAND_HEIGHT - next_obs[:, 0], 0.0) / (STAND_HEIGHT / 2)
+    standing = (3 * np.exp(-(d_height**2) * np.log(10.0)) + (1 + next_obs[:, 1]) / 2) / 4  # obs[1]: uprightness
+    rewards = []
+    for task in tasks:
+        d_speed = np.maximum(DMC_SPEEDS[task] - speed, 0.0) / (DMC_SPEEDS[task] / 2)
+        rewards.append(standing * (5 * np.maximum(1 - d_speed / 2, 0.0) + 1) / 6)
+    rewards = np.stack(rewards, 1).astype(np.float32)
+    return rewards, np.zeros(rewards.shape, bool)  # no terminals: every episode runs 1,000 steps
+
+
+DOMAINS["dmc-walker"] = Domain(tuple(DMC_SPEEDS), 24, 6, {
+    m: tuple(f"{t}_{m.replace('-', '_')}" for t in DMC_SPEEDS) for m in ("medium", "medium-replay")
+}, "dmc-walker", ("horizontal_velocity",), make_dmc_env, dmc_relabel, False, run_prefix="dmc-walker-")  # fmt: skip
+
+
 # ==== PLUMBING, identical in every script and pinned by tests/test_parity.py: loading and validation, the run folder,
 # ==== checkpoints, RNG, Ctrl-C, memory, progress. Nothing below is the method. ========================================
-DATASET_KEYS = {  # key: (trailing shape: the domain's observation or action size, or none; kind); x_velocity: walker
+DATASET_KEYS = {  # key: (trailing shape: the domain's observation or action size, or none; kind); plus the fields
     "observations": ("obs", "f"), "actions": ("act", "f"), "next_observations": ("obs", "f"), "rewards": ("", "f"),
-    "terminals": ("", "b"), "timeouts": ("", "b"), "x_velocity": ("", "f"),
+    "terminals": ("", "b"), "timeouts": ("", "b"),
 }  # fmt: skip
 FIRST_PROGRESS_S, PROGRESS_EVERY_S = 5.0, 30.0  # the first progress line, then one every 30 s of wall time
 
@@ -610,10 +698,11 @@ def load_dataset(path, domain="mt-walker2d"):
             raw = {key: npz[key] for key in npz.files}
     except Exception as e:
         raise DatasetError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-    (tasks, obs_dim, act_dim, _), source = DOMAINS[domain], str(raw.get("domain", "mt-walker2d"))  # walker files: none
+    record, source = DOMAINS[domain], str(raw.get("domain", "mt-walker2d"))  # MT-Walker2d's files name no domain
+    tasks, obs_dim, act_dim = record.tasks, record.obs_dim, record.act_dim
     if source != domain:
         raise DatasetError(f"{path} holds {source} data, not {domain} data (choose the domain with --domain)")
-    keys = {k: v for k, v in DATASET_KEYS.items() if k != "x_velocity" or domain == "mt-walker2d"}
+    keys = DATASET_KEYS | {field: ("", "f") for field in record.fields}
     missing = [key for key in (*keys, "task") if key not in raw]
     if missing:
         raise DatasetError(f"{path}: missing keys {', '.join(missing)}")
@@ -639,30 +728,23 @@ def load_dataset(path, domain="mt-walker2d"):
     return task, data
 
 
-def relabel(data, tasks, domain="mt-walker2d"):
-    """Rewards and terminals of every transition under every task: (N, len(tasks)) arrays."""
-    if domain != "mt-walker2d":
-        reached = maze_rewards(domain, tasks, data["next_observations"])
-        return reached.astype(np.float32), reached
-    actions, next_obs, x_velocity = data["actions"], data["next_observations"], data["x_velocity"]
-    rewards = np.stack([task_rewards(t, actions, next_obs, x_velocity) for t in tasks], 1).astype(np.float32)
-    return rewards, np.stack([task_terminals(t, next_obs) for t in tasks], 1)
-
-
 def load_mixture(args):
     """Load one dataset per task into one buffer: transitions of all tasks, relabelled to all tasks."""
-    tasks, _, _, mixtures = DOMAINS[args.domain]
+    tasks, mixtures, folder = DOMAINS[args.domain].tasks, DOMAINS[args.domain].mixtures, DOMAINS[args.domain].data_dir
     for task in args.tasks:
         if task not in tasks:
             raise DatasetError(f"unknown task {task!r} of {args.domain}; choose from {', '.join(tasks)}")
     if len(set(args.tasks)) != len(args.tasks):
         raise DatasetError(f"each task may appear once in --tasks, got {' '.join(args.tasks)}")
+    for path in args.datasets:  # the first missing file or folder is named before any count
+        if not os.path.isfile(path):
+            load_dataset(path, args.domain)  # raises its one-line error
     if args.datasets and len(args.datasets) != len(args.tasks):
         raise DatasetError(f"--datasets needs one file per task ({len(args.tasks)}), got {len(args.datasets)}")
     if not args.datasets and args.mixture not in mixtures:
         raise DatasetError(f"unknown mixture {args.mixture!r} of {args.domain}; choose from {', '.join(mixtures)}")
     shipped = [mixtures[args.mixture][tasks.index(t)] for t in args.tasks] if not args.datasets else []
-    paths = list(args.datasets) or [os.path.join(HERE, "data", name + ".npz") for name in shipped]
+    paths = list(args.datasets) or [os.path.join(HERE, "data", folder, name + ".npz") for name in shipped]
     parts = []
     for task, path in zip(args.tasks, paths):
         source_task, data = load_dataset(path, args.domain)
@@ -670,7 +752,7 @@ def load_mixture(args):
             raise DatasetError(f"{path} holds {source_task} data but was given for task {task}")
         parts.append(data)
     buffer = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    buffer["rewards_all"], buffer["terminals_all"] = relabel(buffer, args.tasks, args.domain)
+    buffer["rewards_all"], buffer["terminals_all"] = DOMAINS[args.domain].relabel(buffer, args.tasks)
     buffer["source"] = np.concatenate([np.full(len(p["rewards"]), i) for i, p in enumerate(parts)])
     buffer["sizes"] = np.array([len(p["rewards"]) for p in parts])
     return buffer, paths
@@ -689,13 +771,15 @@ def setup(args, limits):
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if args.domain not in DOMAINS:
         fail(f"unknown domain {args.domain!r}; choose from {', '.join(DOMAINS)}")
-    args.tasks = args.tasks or DOMAINS[args.domain][0]  # by default every task and the first mixture of the domain
-    args.mixture = args.mixture or next(iter(DOMAINS[args.domain][3]))
+    domain = DOMAINS[args.domain]
+    args.tasks = args.tasks or domain.tasks  # by default every task and the first mixture of the domain
+    args.mixture = args.mixture or next(iter(domain.mixtures))
     try:
+        domain.make_env(domain.tasks[0]).close()  # the domain's simulator is installed
         data, paths = load_mixture(args)
-    except DatasetError as e:
+    except (ImportError, DatasetError) as e:
         fail(str(e))
-    path = os.path.join(HERE, "data", "" if args.domain == "mt-walker2d" else args.domain, "reference.json")
+    path = os.path.join(HERE, "data", domain.data_dir, "reference.json")
     # random and expert returns (mazes: success rates of a random policy and of the scripted controller): 0-100
     ref = json.load(open(path))["tasks"] if os.path.isfile(path) else {}
     reference = {t: (ref[t]["random_return"], ref[t]["expert_return"]) for t in args.tasks if t in ref}
@@ -725,9 +809,7 @@ class Run:
         self.args, self.device, self.info, self.total_steps, self.state = args, device, info, total_steps, state
         self.summary_keys, self.step, self.evals, self.wall_before = summary, 0, [], 0.0  # summary: names in `state`
         mixture = args.mixture if not args.datasets else "custom"
-        self.name = (
-            f"{args.exp_name}__{mixture if args.domain == 'mt-walker2d' else args.domain + '-' + mixture}__{args.seed}"
-        )
+        self.name = f"{args.exp_name}__{DOMAINS[args.domain].run_prefix}{mixture}__{args.seed}"
         self.dir, self.ckpt_path = os.path.join("runs", self.name), os.path.join("runs", self.name, "checkpoint.pt")
         if os.path.exists(self.ckpt_path) and not args.resume:
             fail(
@@ -826,7 +908,7 @@ class Run:
         for key, value in keys + [(f"average_{k}", out[f"average_{k}"]) for k in ("return", "normalized_score")]:
             self.writer.add_scalar(f"eval/{key}", value, self.step)
         self.evals.append(out)
-        digits = 0 if args.domain == "mt-walker2d" else 2  # a maze's return is its success rate
+        digits = 2 if DOMAINS[args.domain].success else 0  # a success rate, or a return
         scores = ", ".join(f"{t} {out[t]['return']:.{digits}f} ({out[t]['normalized_score']:.1f})" for t in args.tasks)
         print(f"eval @ {self.step}: {scores}; average score {out['average_normalized_score']:.1f}", flush=True)
         self.write_summary(finished=self.step == self.total_steps)

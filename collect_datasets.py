@@ -1,9 +1,10 @@
-"""Make the MT-Walker2d offline datasets: online SAC per task, then expert, medium and
+"""Make the MT-Walker2d and dm-control walker offline datasets: online SAC per task, then expert, medium and
 medium-replay datasets from its checkpoints (the recipe of the CDS paper, Yu et al. 2021).
 
     python collect_datasets.py                       # train all three tasks side by side, then build
     python collect_datasets.py --resume              # continue an interrupted collection
     python collect_datasets.py --phase build         # (re)write the datasets from finished runs
+    python collect_datasets.py --domain dmc-walker   # HCSAC's benchmark: dm-control's walker, walk and run
 
 Phase `train` runs one process per task. Each trains SAC (2x256 networks) online, evaluates every
 `eval_every` steps and keeps an actor snapshot with its return, and checkpoints everything
@@ -16,10 +17,12 @@ plus the behaviour-policy actor weights and the reference returns (random and ex
 The file format is described in data/README.md.
 """
 
+import functools
 import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import gymnasium as gym
@@ -35,10 +38,12 @@ import tyro
 class Args:
     phase: str = "all"
     """`train`, `build`, or `all` (train then build)"""
-    tasks: tuple[str, ...] = ("run_forward", "run_backward", "jump")
-    """the tasks to train a behaviour policy for; each runs in its own process"""
+    domain: str = "mt-walker2d"
+    """`mt-walker2d` (run_forward, run_backward, jump) or `dmc-walker` (walk, run)"""
+    tasks: tuple[str, ...] = ()
+    """the tasks to train a behaviour policy for, each in its own process; none given: all of the domain's"""
     seed: int = 0
-    """task k of (run_forward, run_backward, jump) uses seed + k"""
+    """task k of the domain's task list uses seed + k"""
     total_steps: int = 300_000
     """environment steps (= SAC gradient updates after learning_starts) per task"""
     learning_starts: int = 5_000
@@ -60,17 +65,11 @@ class Args:
     resume: bool = False
     """continue the training runs found in work_dir"""
     work_dir: str = "collect_runs"
-    """checkpoints, snapshots and logs of the SAC runs (not shipped)"""
-    out_dir: str = "data"
-    """where `build` writes datasets, actor weights and reference returns"""
-    datasets: tuple[str, ...] = (
-        "run_forward/medium-replay",
-        "run_backward/medium",
-        "jump/expert",
-        "run_forward/medium",
-        "jump/medium",
-    )
-    """which task/kind datasets `build` writes (default: what the two shipped mixtures need)"""
+    """checkpoints, snapshots and logs of the SAC runs, one folder per task (not shipped)"""
+    out_dir: str = ""
+    """where `build` writes datasets, actor weights and reference returns; none given: the domain's data folder"""
+    datasets: tuple[str, ...] = ()
+    """which task/kind datasets `build` writes; none given: what the domain's shipped mixtures need"""
     expert_size: int = 5_000
     """transitions in each expert dataset"""
     medium_size: int = 30_000
@@ -138,6 +137,41 @@ def make_env(task):
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
 
 
+# ---------------------------------------------------------------- dm-control's walker (HCSAC's benchmark)
+class DmcWalker(gym.Wrapper):
+    """dm-control's walker through Shimmy, the observation flattened to 24 numbers: obs[0] the torso's height, obs[1:15]
+    each body's xx and xz rotation entries (obs[1], the torso's xx, is its zz, the reward's uprightness: the walker
+    turns only about y), obs[15:] velocities. info adds the x-speed of the torso's subtree centre of mass at s'."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = info | {"horizontal_velocity": self.env.unwrapped.physics.horizontal_velocity()}
+        return obs, reward, terminated, truncated, info
+
+
+def make_dmc_env(task):
+    """dm-control's walker-<task> (walk: speed 1, run: speed 8) through Shimmy: 1,000 steps, no terminals."""
+    try:
+        with warnings.catch_warnings():  # dm-control warns when no display is present for rendering
+            warnings.simplefilter("ignore")
+            import shimmy
+    except ImportError:
+        raise ImportError(
+            "dmc-walker needs dm-control and Shimmy: pip install dm-control 'shimmy[dm-control]'"
+        ) from None
+    gym.register_envs(shimmy)
+    return DmcWalker(gym.wrappers.FlattenObservation(gym.make(f"dm_control/walker-{task}-v0")))
+
+
+COLLECT = {  # domain: (tasks, make_env(task), observation size, info fields stored per transition, data folder,
+    # the datasets its shipped mixtures need)
+    "mt-walker2d": (WALKER_TASKS, make_env, 17, ("x_velocity",), "data", (
+        "run_forward/medium-replay", "run_backward/medium", "jump/expert", "run_forward/medium", "jump/medium")),
+    "dmc-walker": (("walk", "run"), make_dmc_env, 24, ("horizontal_velocity",), "data/dmc-walker", (
+        "walk/medium", "walk/medium-replay", "run/medium", "run/medium-replay")),
+}  # fmt: skip
+
+
 # ---------------------------------------------------------------- SAC (2x256, as is usual)
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -181,29 +215,30 @@ class Critic(nn.Module):
         return self.net(torch.cat([obs, action], -1)).squeeze(-1)
 
 
-BUFFER_KEYS = ("observations", "actions", "next_observations", "rewards", "terminals", "timeouts", "x_velocity")
+BUFFER_KEYS = ("observations", "actions", "next_observations", "rewards", "terminals", "timeouts")
 
 
-def new_buffer(size):
-    return {
-        "observations": np.zeros((size, 17), np.float32),
+def new_buffer(size, obs_dim=17, fields=("x_velocity",)):
+    buffer = {
+        "observations": np.zeros((size, obs_dim), np.float32),
         "actions": np.zeros((size, 6), np.float32),
-        "next_observations": np.zeros((size, 17), np.float32),
+        "next_observations": np.zeros((size, obs_dim), np.float32),
         "rewards": np.zeros(size, np.float32),
         "terminals": np.zeros(size, bool),
         "timeouts": np.zeros(size, bool),
-        "x_velocity": np.zeros(size, np.float32),
     }
+    return buffer | {field: np.zeros(size, np.float32) for field in fields}
 
 
-def run_episodes(env, policy, n_episodes=None, n_steps=None, seed=0):
+def run_episodes(env, policy, n_episodes=None, n_steps=None, seed=0, fields=("x_velocity",)):
     """Roll out `policy(obs)`; stop after n_episodes episodes or exactly n_steps transitions."""
-    data, returns, ep_return = {k: [] for k in BUFFER_KEYS}, [], 0.0
+    data, returns, ep_return = {k: [] for k in BUFFER_KEYS + fields}, [], 0.0
     obs, _ = env.reset(seed=seed)
     while True:
         action = policy(obs)
         next_obs, reward, terminated, truncated, info = env.step(action)
-        for key, value in zip(BUFFER_KEYS, (obs, action, next_obs, reward, terminated, truncated, info["x_velocity"])):
+        values = (obs, action, next_obs, reward, terminated, truncated, *(info[f] for f in fields))
+        for key, value in zip(BUFFER_KEYS + fields, values):
             data[key].append(value)
         ep_return += reward
         obs = next_obs
@@ -228,9 +263,10 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def sac_networks(args):
+def sac_networks(args, obs_dim=17):
     """The SAC learner: actor, twin critics and their targets, optimisers, entropy temperature (all checkpointed)."""
-    nets = {"actor": Actor(), "qf1": Critic(), "qf2": Critic(), "qf1_target": Critic(), "qf2_target": Critic()}
+    nets = {"actor": Actor(obs_dim), "qf1": Critic(obs_dim), "qf2": Critic(obs_dim)}
+    nets |= {"qf1_target": Critic(obs_dim), "qf2_target": Critic(obs_dim)}
     nets["qf1_target"].load_state_dict(nets["qf1"].state_dict())
     nets["qf2_target"].load_state_dict(nets["qf2"].state_dict())
     critic_params = list(nets["qf1"].parameters()) + list(nets["qf2"].parameters())
@@ -280,7 +316,7 @@ def resume_sac(ckpt_path, nets, log_alpha, buffer, task):
     with torch.no_grad():
         log_alpha.copy_(ckpt["log_alpha"])
     step, evals = ckpt["step"], ckpt["evals"]
-    for key in BUFFER_KEYS:
+    for key in buffer:
         buffer[key][:step] = ckpt["buffer"][key]
     if step > 0 and not (buffer["terminals"][step - 1] or buffer["timeouts"][step - 1]):
         buffer["timeouts"][step - 1] = True  # the episode in progress was cut by the interruption
@@ -302,7 +338,8 @@ def save_sac(ckpt_path, nets, log_alpha, buffer, step, evals, args, task, seed):
 
 def evaluate_snapshot(eval_env, actor, step, run_dir, evals, args, task, start, start_step):
     """Evaluate the actor, keep its weights as a snapshot with its return, and print progress."""
-    _, returns = run_episodes(eval_env, actor.act, n_episodes=args.eval_episodes, seed=10_000 + step)
+    fields = COLLECT[args.domain][3]
+    _, returns = run_episodes(eval_env, actor.act, n_episodes=args.eval_episodes, seed=10_000 + step, fields=fields)
     snapshot = os.path.join(run_dir, "snapshots", f"actor_{step:07d}.pt")
     torch.save(actor.state_dict(), snapshot)
     evals.append({"step": step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
@@ -324,10 +361,11 @@ def train_task(args: Args, task: str, seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    env, eval_env = make_env(task), make_env(task)
+    _, make, obs_dim, fields, _, _ = COLLECT[args.domain]
+    env, eval_env = make(task), make(task)
     env.action_space.seed(seed)
-    nets, log_alpha = sac_networks(args)
-    buffer, step, evals = new_buffer(args.total_steps), 0, []
+    nets, log_alpha = sac_networks(args, obs_dim)
+    buffer, step, evals = new_buffer(args.total_steps, obs_dim, fields), 0, []
     if os.path.exists(ckpt_path):
         if not args.resume:
             raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or remove {args.work_dir}")
@@ -342,7 +380,8 @@ def train_task(args: Args, task: str, seed: int):
     while step < args.total_steps:
         action = env.action_space.sample() if step < args.learning_starts else actor.act(obs)
         next_obs, reward, terminated, truncated, info = env.step(action)
-        for key, value in zip(BUFFER_KEYS, (obs, action, next_obs, reward, terminated, truncated, info["x_velocity"])):
+        values = (obs, action, next_obs, reward, terminated, truncated, *(info[f] for f in fields))
+        for key, value in zip(BUFFER_KEYS + fields, values):
             buffer[key][step] = value
         step += 1
         obs = next_obs
@@ -369,18 +408,18 @@ def build_task(args: Args, task: str, seed: int):
             f"error: {task} has trained {ckpt['step']} of {args.total_steps} steps; run --phase train --resume"
         )
     torch.manual_seed(seed)  # the datasets' sampled actions
-    env = make_env(task)
-    expert = Actor()
+    _, make, obs_dim, fields, _, _ = COLLECT[args.domain]
+    env = make(task)
+    rollout = functools.partial(run_episodes, env, fields=fields)
+    expert = Actor(obs_dim)
     expert.load_state_dict(ckpt["actor"])
     # reference returns: a uniformly random policy, and the expert with its mean action (as evaluation uses)
-    _, random_returns = run_episodes(
-        env, lambda o: env.action_space.sample(), n_episodes=args.reference_episodes, seed=seed + 1
-    )
-    _, expert_returns = run_episodes(
-        env, lambda o: expert.act(o, deterministic=True), n_episodes=args.reference_episodes, seed=seed + 2
+    _, random_returns = rollout(lambda o: env.action_space.sample(), n_episodes=args.reference_episodes, seed=seed + 1)
+    _, expert_returns = rollout(
+        lambda o: expert.act(o, deterministic=True), n_episodes=args.reference_episodes, seed=seed + 2
     )
     # expert data come from the final policy; its sampled-action return sets the medium target
-    expert_data, expert_data_returns = run_episodes(env, expert.act, n_steps=args.expert_size, seed=seed + 3)
+    expert_data, expert_data_returns = rollout(expert.act, n_steps=args.expert_size, seed=seed + 3)
     # medium: the training evaluations (few episodes) are noisy, so the snapshots closest to the target
     # are tried in turn; the first whose dataset return lands within medium_range of the expert data's
     # is kept (else the closest of those tried)
@@ -389,9 +428,9 @@ def build_task(args: Args, task: str, seed: int):
     evals = [e for e in ckpt["evals"] if e["step"] < ckpt["step"]]
     tried = []
     for candidate in sorted(evals, key=lambda e: abs(e["return_mean"] - target))[: args.medium_candidates]:
-        actor = Actor()
+        actor = Actor(obs_dim)
         actor.load_state_dict(torch.load(candidate["snapshot"], weights_only=True))
-        data, _ = run_episodes(env, actor.act, n_steps=args.medium_size, seed=seed + 4)
+        data, _ = rollout(actor.act, n_steps=args.medium_size, seed=seed + 4)
         fraction = episode_returns(data).mean() / expert_mean
         tried.append((fraction, candidate, actor, data))
         print(
@@ -402,7 +441,7 @@ def build_task(args: Args, task: str, seed: int):
     fraction, medium_eval, medium, medium_data = min(
         tried, key=lambda t: (not low <= t[0] <= high, abs(t[0] - args.medium_fraction))
     )
-    replay = {k: v[: medium_eval["step"]].copy() for k, v in ckpt["buffer"].items()}
+    replay = {k: v[: medium_eval["step"]].copy() for k, v in ckpt["buffer"].items() if k in BUFFER_KEYS + fields}
     last = medium_eval["step"] - 1
     replay["timeouts"][last] = replay["timeouts"][last] or not replay["terminals"][last]
     replay = subsample_episodes(replay, args.medium_replay_size, seed + 5)
@@ -431,7 +470,7 @@ def build_task(args: Args, task: str, seed: int):
         }
         if f"{task}/{kind}" in args.datasets:
             path = os.path.join(args.out_dir, f"{task}_{kind.replace('-', '_')}.npz")
-            np.savez_compressed(path, task=np.array(task), **data)
+            np.savez_compressed(path, task=np.array(task), domain=np.array(args.domain), **data)
             print(f"[{task}] wrote {path}: {info['datasets'][kind]}", flush=True)
     return info
 
@@ -467,10 +506,18 @@ def episode_returns(data, max_steps=1000):
 
 
 def main(args: Args):
+    if args.domain not in COLLECT:
+        raise SystemExit(f"error: unknown domain {args.domain!r}; choose from {', '.join(COLLECT)}")
+    tasks, make, _, _, out_dir, datasets = COLLECT[args.domain]
+    args.tasks, args.out_dir, args.datasets = args.tasks or tasks, args.out_dir or out_dir, args.datasets or datasets
     for task in args.tasks:
-        if task not in WALKER_TASKS:
-            raise SystemExit(f"error: unknown task {task!r}; choose from {', '.join(WALKER_TASKS)}")
-    seeds = {task: args.seed + WALKER_TASKS.index(task) for task in args.tasks}
+        if task not in tasks:
+            raise SystemExit(f"error: unknown task {task!r}; choose from {', '.join(tasks)}")
+    try:
+        make(args.tasks[0]).close()
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
+    seeds = {task: args.seed + tasks.index(task) for task in args.tasks}
     if args.phase in ("train", "all"):
         procs = [mp.Process(target=train_task, args=(args, task, seeds[task])) for task in args.tasks]
         for p in procs:

@@ -34,23 +34,27 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("run_forward", "run_backward", "jump")  # MT-Walker2d's; a maze's are its goals (tasks_of)
-MAZE_GOALS = {"maze-medium": 3, "maze-large": 7}
+TASKS = ("run_forward", "run_backward", "jump")  # MT-Walker2d's, the default domain's
+OTHER_DOMAINS = {  # the tasks of the other domains, whose grid mixtures are <domain>-<mixture>
+    "maze-medium": tuple(f"goal_{k}" for k in range(3)),
+    "maze-large": tuple(f"goal_{k}" for k in range(7)),
+    "dmc-walker": ("walk", "run"),
+}
 
 
 def tasks_of(mixture):
-    """The tasks of a grid mixture: MT-Walker2d's, or goal_0, goal_1, ... of the maze that names it."""
-    for maze, n in MAZE_GOALS.items():
-        if mixture.startswith(maze + "-"):
-            return tuple(f"goal_{k}" for k in range(n))
+    """The tasks of a grid mixture: MT-Walker2d's, or those of the domain that names it."""
+    for domain, tasks in OTHER_DOMAINS.items():
+        if mixture.startswith(domain + "-"):
+            return tasks
     return TASKS
 
 
 def domain_flags(mixture):
-    """The script flags of a grid mixture: a maze's is <domain>-<its mixture>, e.g. maze-medium-undirected."""
-    for maze in MAZE_GOALS:
-        if mixture.startswith(maze + "-"):
-            return ["--domain", maze, "--mixture", mixture[len(maze) + 1 :]]
+    """The script flags of a grid mixture: another domain's is <domain>-<its mixture>, e.g. maze-medium-undirected."""
+    for domain in OTHER_DOMAINS:
+        if mixture.startswith(domain + "-"):
+            return ["--domain", domain, "--mixture", mixture[len(domain) + 1 :]]
     return ["--mixture", mixture]
 
 
@@ -112,6 +116,9 @@ BUDGETS["maze"] = {
 }
 # the budget probe that chose it: the same configuration for 30k steps
 BUDGETS["maze-30k"] = {**BUDGETS["maze"], "steps": 30_000}
+# dm-control's walker (HCSAC's benchmark): the `cpu` configuration, probed for 50k steps to find where MTCSAC plateaus
+BUDGETS["dmc-probe"] = {**BUDGETS["cpu"], "steps": 50_000, "eval_every": 2_500}
+DMC_METHODS = ["cql_noshare", "cql_shareall", "cql_cds", "mtcsac", "hcsac"]
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -119,6 +126,8 @@ GRID = {
     "maze-medium-directed": list(METHODS),
     "maze-large-undirected": ["cql_noshare", "cql_shareall", "cql_cds"],
     "maze-large-directed": ["cql_noshare", "cql_shareall", "cql_cds"],
+    "dmc-walker-medium": DMC_METHODS,
+    "dmc-walker-medium-replay": DMC_METHODS,
 }
 
 
@@ -128,12 +137,12 @@ class Args:
     """`run` the grid, or `report` the finished runs"""
     budget: str = "cpu"
     """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
-    80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe) or `paper`
-    (every script at its defaults, 1M steps)"""
+    80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe), `dmc-probe`
+    (the cpu configuration for 50k steps on dm-control's walker) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
-    """dataset mixtures: imbalanced, all-medium, or a maze's maze-medium-undirected, maze-large-directed, ..."""
+    """dataset mixtures: imbalanced, all-medium, or another domain's: maze-medium-undirected, dmc-walker-medium, ..."""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of every (method, mixture)"""
     workers: int = 2

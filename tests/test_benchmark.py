@@ -312,3 +312,5 @@ def test_the_maze_grid_passes_its_domain_and_reports_its_goals(tmp_path):
     run = load_runner()
     assert run.tasks_of("maze-large-directed") == tuple(f"goal_{k}" for k in range(7))
     assert run.tasks_of("imbalanced") == ("run_forward", "run_backward", "jump")
+    assert run.tasks_of("dmc-walker-medium-replay") == ("walk", "run")
+    assert run.domain_flags("dmc-walker-medium-replay") == ["--domain", "dmc-walker", "--mixture", "medium-replay"]

@@ -101,6 +101,8 @@ def test_the_loader_refuses_wrong_domains_sizes_and_goals(tmp_path, small_datase
         (["--domain", "maze-medium", "--mixture", "imbalanced"], "unknown mixture 'imbalanced' of maze-medium"),
         (["--domain", "maze-large", "--datasets", os.path.join(MEDIUM, "directed_goal_0.npz")],
          "--datasets needs one file per task (7), got 1"),
+        (["--domain", "maze-large", "--datasets", os.path.join(MEDIUM, "directed_goal_0.npz"), "gone.npz"],
+         "dataset file not found: gone.npz"),  # a missing file is named, even among too few
         (["--tasks", "goal_0"], "unknown task 'goal_0' of mt-walker2d"),
     ],
 )  # fmt: skip
@@ -116,11 +118,11 @@ def test_maze_relabelling_in_the_scripts_is_the_data_s_own():
     """Every shipped maze file's stored rewards and terminals are column `task` of the scripts' relabelling."""
     m = load_module("cql_mt_noshare")
     for domain in ("maze-medium", "maze-large"):
-        tasks = m.DOMAINS[domain][0]
-        for mixture, files in m.DOMAINS[domain][3].items():
+        tasks = m.DOMAINS[domain].tasks
+        for mixture, files in m.DOMAINS[domain].mixtures.items():
             for task, name in zip(tasks, files):
-                _, data = m.load_dataset(os.path.join(ROOT, "data", name + ".npz"), domain)
-                rewards, terminals = m.relabel(data, tasks, domain)
+                _, data = m.load_dataset(os.path.join(ROOT, "data", domain, name + ".npz"), domain)
+                rewards, terminals = m.DOMAINS[domain].relabel(data, tasks)
                 column = tasks.index(task)
                 np.testing.assert_array_equal(rewards[:, column], data["rewards"])
                 np.testing.assert_array_equal(terminals[:, column], data["terminals"])

@@ -13,34 +13,20 @@ import torch
 
 from conftest import PRESENT, ROOT, load_module
 
-# Pieces every training script carries, word for word: the task suite, the networks' constants, the loss helpers,
-# evaluation, and all the plumbing below the PLUMBING banner.
+# Pieces every training script carries, word for word: the networks' constants, the loss helpers, evaluation, the
+# domains section (every domain's record and code) and all the plumbing below the PLUMBING banner.
 SHARED = [
-    "WALKER_TASKS",
-    "INIT_HEIGHT",
-    "task_terminals",
-    "task_rewards",
-    "JumpReward",
-    "make_env",
     "LOG_STD_MIN",
     "LOG_STD_MAX",
     "per_task_mean",
     "gather",
     "evaluate",
-    "MAZE_START",
-    "GOAL_RADIUS",
-    "MAZES",
-    "goal_xy",
-    "FixedGoalMaze",
-    "make_maze_env",
-    "maze_rewards",
-    "DOMAINS",
+    "Domain",
     "DATASET_KEYS",
     "FIRST_PROGRESS_S",
     "PROGRESS_EVERY_S",
     "DatasetError",
     "load_dataset",
-    "relabel",
     "load_mixture",
     "setup",
     "Run",
@@ -65,14 +51,30 @@ def test_shared_pieces_are_identical(modules, name):
         assert source(modules[script], name) == reference, f"{script}.{name} differs from cql_mt_noshare.{name}"
 
 
-def test_everything_below_the_plumbing_banner_is_identical():
-    """Not only the named pieces: the whole tail of every file, from the banner to the end, is one text."""
+def test_everything_below_the_domains_banner_is_identical():
+    """Not only the named pieces: the whole tail of every file, the domains section and the plumbing after it (from
+    its banner to the end), is one text; the domains section comes after the training loop."""
     tails = {}
     for script in PRESENT:
         text = open(os.path.join(ROOT, script + ".py")).read()
-        assert text.count("# ==== PLUMBING") == 1, script
-        tails[script] = text[text.index("# ==== PLUMBING") :]
+        assert text.count("# ==== DOMAINS") == 1 and text.count("# ==== PLUMBING") == 1, script
+        assert text.index("\ndef main(") < text.index("# ==== DOMAINS") < text.index("# ==== PLUMBING"), script
+        tails[script] = text[text.index("# ==== DOMAINS") :]
     assert all(tail == tails["cql_mt_noshare"] for tail in tails.values())
+
+
+def test_only_the_domains_section_names_a_domain(modules):
+    """The method, the evaluation and the plumbing call a domain's record; they never compare a domain's name."""
+    names = set(modules["cql_mt_noshare"].DOMAINS)
+    for script in PRESENT:
+        text = open(os.path.join(ROOT, script + ".py")).read()
+        outside = text[: text.index("# ==== DOMAINS")] + text[text.index("# ==== PLUMBING") :]
+        for node in ast.walk(ast.parse(outside)):
+            if isinstance(node, ast.Compare):
+                constants = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
+                assert not names & set(constants), f"{script}, line {node.lineno}: compares a domain's name"
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                assert node.slice.value not in names, f"{script}, line {node.lineno}: picks a domain by name"
 
 
 def test_sample_own_and_batch_sources_are_identical_where_present(modules):
@@ -155,7 +157,8 @@ def test_cql_loss_is_identical_in_cql_scripts(modules):
 
 
 def test_collection_scripts_share_the_task_suites(modules):  # the collection scripts need no plumbing
-    for name in ("WALKER_TASKS", "INIT_HEIGHT", "task_terminals", "task_rewards", "JumpReward", "make_env"):
+    walker = ("WALKER_TASKS", "INIT_HEIGHT", "task_terminals", "task_rewards", "JumpReward", "make_env")
+    for name in (*walker, "DmcWalker", "make_dmc_env"):
         assert source(modules["collect_datasets"], name) == source(modules["cql_mt_noshare"], name), name
     collect_maze = load_module("collect_maze")
     for name in ("MAZE_START", "GOAL_RADIUS", "MAZES", "goal_xy", "FixedGoalMaze", "make_maze_env", "maze_rewards"):
@@ -180,7 +183,8 @@ def test_loader_and_relabelling_agree(modules, small_datasets):
     outputs = {}
     for script in PRESENT:
         task, data = modules[script].load_dataset(small_datasets[0])
-        outputs[script] = (task, data, modules[script].relabel(data, modules[script].WALKER_TASKS))
+        walker = modules[script].DOMAINS["mt-walker2d"]
+        outputs[script] = (task, data, walker.relabel(data, walker.tasks))
     task0, data0, (r0, d0) = outputs["cql_mt_noshare"]
     for task, data, (r, d) in outputs.values():
         assert task == task0

@@ -32,7 +32,8 @@ def test_speed_worker_counts_the_cql_update_flops(modules):
     # matrix products of one update at the defaults, in multiply-adds, counted by hand
     m = modules["cql_mt_noshare"]
     args = m.Args()
-    tasks, obs_dim, act_dim, _ = m.DOMAINS[args.domain]
+    domain = m.DOMAINS[args.domain]
+    tasks, obs_dim, act_dim = domain.tasks, domain.obs_dim, domain.act_dim
     rows = len(tasks) * args.batch_size
     h, hidden = args.hidden_dim, args.n_hidden
     critic_in = obs_dim + len(tasks) + act_dim

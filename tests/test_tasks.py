@@ -70,7 +70,7 @@ def test_relabelled_reward_and_terminal_equal_the_target_environment(m, source):
 
 def test_relabel_gives_every_task_a_column(m, small_datasets):
     task, data = m.load_dataset(small_datasets[2])
-    rewards, terminals = m.relabel(data, m.WALKER_TASKS)
+    rewards, terminals = m.DOMAINS["mt-walker2d"].relabel(data, m.WALKER_TASKS)
     assert rewards.shape == terminals.shape == (len(data["rewards"]), 3)
     own = m.WALKER_TASKS.index(task)
     np.testing.assert_allclose(rewards[:, own], data["rewards"], atol=1e-4)
