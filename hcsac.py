@@ -503,7 +503,7 @@ for maze, (_, _, goals) in MAZES.items():  # task goal_k: reach goal cell k; fil
                            success=True, run_prefix=maze + "-")  # fmt: skip
 
 
-# ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's inputs are stored.
+# ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's speed is stored.
 DMC_SPEEDS, STAND_HEIGHT = {"walk": 1.0, "run": 8.0}, 1.2  # dm-control's walker: target speeds, standing height
 
 
@@ -608,7 +608,8 @@ def load_dataset(path, domain="mt-walker2d"):
 
 def load_mixture(args):
     """Load one dataset per task into one buffer: transitions of all tasks, relabelled to all tasks."""
-    tasks, mixtures, folder = DOMAINS[args.domain].tasks, DOMAINS[args.domain].mixtures, DOMAINS[args.domain].data_dir
+    domain = DOMAINS[args.domain]
+    tasks, mixtures = domain.tasks, domain.mixtures
     for task in args.tasks:
         if task not in tasks:
             raise DatasetError(f"unknown task {task!r} of {args.domain}; choose from {', '.join(tasks)}")
@@ -622,7 +623,7 @@ def load_mixture(args):
     if not args.datasets and args.mixture not in mixtures:
         raise DatasetError(f"unknown mixture {args.mixture!r} of {args.domain}; choose from {', '.join(mixtures)}")
     shipped = [mixtures[args.mixture][tasks.index(t)] for t in args.tasks] if not args.datasets else []
-    paths = list(args.datasets) or [os.path.join(HERE, "data", folder, name + ".npz") for name in shipped]
+    paths = list(args.datasets) or [os.path.join(HERE, "data", domain.data_dir, name + ".npz") for name in shipped]
     parts = []
     for task, path in zip(args.tasks, paths):
         source_task, data = load_dataset(path, args.domain)
@@ -630,7 +631,7 @@ def load_mixture(args):
             raise DatasetError(f"{path} holds {source_task} data but was given for task {task}")
         parts.append(data)
     buffer = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    buffer["rewards_all"], buffer["terminals_all"] = DOMAINS[args.domain].relabel(buffer, args.tasks)
+    buffer["rewards_all"], buffer["terminals_all"] = domain.relabel(buffer, args.tasks)
     buffer["source"] = np.concatenate([np.full(len(p["rewards"]), i) for i, p in enumerate(parts)])
     buffer["sizes"] = np.array([len(p["rewards"]) for p in parts])
     return buffer, paths
