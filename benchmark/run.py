@@ -81,6 +81,15 @@ SWEEPS = {
     "brac_cds_a0.3_k50": ("brac_mt_cds", ["--share", "cds", "--alpha", "0.3", "--cds-percentile", "50"]),
     "brac_cds_a3": ("brac_mt_cds", ["--share", "cds", "--alpha", "3.0"]),
 }
+# one task's data and one task's network (the HCSAC project's CSAC): run once per task, `<method>_<task>`; the
+# report joins a seed's per-task runs into one row named <method>
+PER_TASK = {"csac": ("cql_mt_noshare", [])}
+PER_TASK_RUNS = {
+    f"{method}_{task}": (script, [*flags, "--tasks", task])
+    for method, (script, flags) in PER_TASK.items()
+    for task in ("walk", "run")
+}
+ALL_METHODS = {**METHODS, **SWEEPS, **PER_TASK_RUNS}
 # budget name -> gradient steps, steps between evaluations, flags for every script, extra flags per script
 BUDGETS = {
     # the paper-scale configuration: every script at its defaults, 1M steps
@@ -118,7 +127,9 @@ BUDGETS["maze"] = {
 BUDGETS["maze-30k"] = {**BUDGETS["maze"], "steps": 30_000}
 # dm-control's walker (HCSAC's benchmark): the `cpu` configuration, probed for 20k steps to see where MTCSAC plateaus
 BUDGETS["dmc-probe"] = {**BUDGETS["cpu"], "steps": 20_000}
-DMC_METHODS = ["cql_noshare", "cql_shareall", "cql_cds", "mtcsac", "hcsac"]
+# and its grid: the same configuration for 15k steps (the probe's MTCSAC scored the same over 11-15k as over 16-20k)
+BUDGETS["dmc"] = {**BUDGETS["cpu"], "steps": 15_000}
+DMC_METHODS = ["mtcsac", "hcsac", "cql_noshare", "cql_cds", "cql_shareall", "csac_walk", "csac_run"]
 GRID = {
     "imbalanced": list(METHODS),
     "all-medium": ["cql_noshare", "cql_shareall", "cql_cds"],
@@ -138,7 +149,7 @@ class Args:
     budget: str = "cpu"
     """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
     80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe), `dmc-probe`
-    (the cpu configuration for 20k steps on dm-control's walker) or `paper` (every script at its defaults, 1M steps)"""
+    (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
@@ -163,16 +174,17 @@ class Args:
 
 
 def grid(args):
-    for mixture in args.mixtures:
-        for method in args.methods or GRID[mixture]:
-            for seed in args.seeds:
+    """Seed by seed, so that a grid stopped part-way has every method on its first seeds."""
+    for seed in args.seeds:
+        for mixture in args.mixtures:
+            for method in args.methods or GRID[mixture]:
                 yield method, mixture, seed
 
 
 def command(method, mixture, seed, args):
     """The command line of one run, from the budget (HCSAC counts in epochs: 100 epochs of steps/100)."""
     budget = BUDGETS[args.budget]
-    script, flags = {**METHODS, **SWEEPS}[method]
+    script, flags = ALL_METHODS[method]
     steps, eval_every = budget["steps"], budget["eval_every"]
     if script == "hcsac":
         # the HCSAC slides' schedule is 1000 epochs of 1000 steps, relabelling every 100 epochs; a shorter budget
@@ -454,6 +466,47 @@ def late_table(methods, runs_of_methods, tasks=TASKS, scale=1):
     return lines
 
 
+def join_per_task(summaries, mixture):
+    """Each seed's per-task runs of a PER_TASK method (csac_walk, csac_run) joined into one summary under the
+    method's name (csac), as if one run: each evaluation holds every task, its averages recomputed; `best` is the
+    joined evaluation with the best average normalised score. Seeds missing a task are left out."""
+    tasks = tasks_of(mixture)
+
+    def merge(records):
+        out = {"step": records[0]["step"], **{t: r[t] for t, r in zip(tasks, records)}}
+        out["average_return"] = float(np.mean([out[t]["return"] for t in tasks]))
+        out["average_normalized_score"] = float(np.mean([out[t]["normalized_score"] for t in tasks]))
+        return out
+
+    for method in PER_TASK:
+        by_seed = [{r["args"]["seed"]: r for r in summaries.get((mixture, f"{method}_{t}"), [])} for t in tasks]
+        joined = []
+        for seed in sorted(set.intersection(*(set(runs) for runs in by_seed))):
+            runs = [runs[seed] for runs in by_seed]
+            evals = [merge(records) for records in zip(*(r["evals"] for r in runs))]
+            joined.append(
+                {
+                    "steps_done": min(r["steps_done"] for r in runs),
+                    "final": merge([r["final"] for r in runs]),
+                    "best": max(evals, key=lambda e: e["average_normalized_score"]),
+                    "evals": evals,
+                    "args": {"seed": seed},
+                }
+            )
+        if joined:
+            summaries[(mixture, method)] = joined
+
+
+def table_methods(methods):
+    """The rows of a table: a PER_TASK method's runs (csac_walk, csac_run) show as one row (csac)."""
+    rows = []
+    for m in methods:
+        name = next((base for base in PER_TASK if m.startswith(base + "_") and m in PER_TASK_RUNS), m)
+        if name not in rows:
+            rows.append(name)
+    return rows
+
+
 def report(args):
     out_dir = args.results_dir or os.path.join(ROOT, "benchmark", "results", args.budget)
     os.makedirs(out_dir, exist_ok=True)
@@ -481,7 +534,8 @@ def report(args):
 
     lines = [f"# Results: budget `{args.budget}`\n"]
     for mixture in args.mixtures:
-        methods = [m for m in (args.methods or GRID[mixture]) if (mixture, m) in summaries]
+        join_per_task(summaries, mixture)
+        methods = [m for m in table_methods(args.methods or GRID[mixture]) if (mixture, m) in summaries]
         if not methods:
             continue
         tasks, scale = tasks_of(mixture), 100 if mixture.startswith("maze-") else 1  # a maze: success in %
@@ -537,6 +591,8 @@ FAMILIES = {
 
 
 def sharing_rank(method):
+    if method in PER_TASK:  # one network per task, before the multi-task network without sharing
+        return -1
     return 0 if "noshare" in method or method.startswith("mtcsac") else 1 if "shareall" in method else 2
 
 
@@ -546,7 +602,7 @@ def plot_scores(summaries, mixture, methods, path):
     whether a figure was written (no family present: none)."""
     panels = []
     for family, scripts in FAMILIES.items():
-        members = [m for m in methods if {**METHODS, **SWEEPS}[m][0] in scripts]
+        members = [m for m in methods if ALL_METHODS.get(m, PER_TASK.get(m, ("",)))[0] in scripts]
         if members:
             panels.append((family, sorted(members, key=sharing_rank)))  # stable: the grid's order within a rank
     if not panels:
@@ -611,8 +667,8 @@ def main(args: Args):
     if args.budget not in BUDGETS:
         raise SystemExit(f"error: unknown budget {args.budget!r}; choose from {', '.join(BUDGETS)}")
     for method in args.methods:
-        if method not in METHODS and method not in SWEEPS:
-            raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join([*METHODS, *SWEEPS])}")
+        if method not in ALL_METHODS:
+            raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     for mixture in args.mixtures:
         if mixture not in GRID:
             raise SystemExit(f"error: unknown mixture {mixture!r}; choose from {', '.join(GRID)}")
