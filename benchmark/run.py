@@ -149,7 +149,8 @@ class Args:
     budget: str = "cpu"
     """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
     80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe), `dmc-probe`
-    (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps) or `paper` (every script at its defaults, 1M steps)"""
+    (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps) or `paper` (every
+    script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
