@@ -3,6 +3,7 @@ https://arxiv.org/abs/2109.08128) on Gymnasium-Robotics' PointMaze, with a scrip
 
     python collect_maze.py                 # both domains, both mixtures, into data/maze-medium/ and data/maze-large/
     python collect_maze.py --overwrite     # redo the files that are already there
+    python collect_maze.py --domains antmaze-medium   # convert D4RL's AntMaze data, downloaded with Minari (below)
 
 The controller: breadth-first search over the maze's free cells gives the next cell on a shortest path to the goal
 cell; a PD law steers toward that cell's centre (in the goal cell: toward the goal point), plus Gaussian action noise.
@@ -13,6 +14,16 @@ Per domain and task it writes two mixtures (data/README.md):
 Every file carries the rewards and terminals of its own task. Also written: reference.json (success rates of a
 uniformly random policy and of the noiseless controller: the 0 and 100 of a normalised score) and provenance.json.
 A file whose recorded settings match the flags is kept, so an interrupted collection continues where it stopped.
+
+AntMaze (antmaze-medium, antmaze-large): the paper's own data, D4RL's AntMaze "diverse" datasets as Minari publishes
+them (`minari download D4RL/antmaze/medium-diverse-v1`, about 1M transitions), converted into the same per-task files
+(never shipped: data/antmaze-*/ is ignored by git). Each episode runs 1,000 steps toward one commanded goal (its
+desired_goal, the centre of a goal cell plus noise); the observation is the ant's (x, y) then its 27 numbers.
+  directed    task k's file holds the episodes commanded to goal cell k; an episode commanded to another cell (the
+              maps' goal cells include the start cell (1, 1)) goes to no task, and the count is printed
+  undirected  every episode, dealt out evenly among the tasks in a seeded random order
+Rewards and terminals are relabelled from the ant's (x, y) at s' with the environment's compute_reward: 1 within 0.45
+of the task's goal-cell centre. reference.json holds D4RL's AntMaze normalisation (0 and 1: a score is a success %).
 """
 
 import contextlib
@@ -22,6 +33,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -32,7 +44,7 @@ import tyro
 
 @dataclass
 class Args:
-    domains: tuple[str, ...] = ("maze-medium", "maze-large")  # the domains to collect (keys of MAZES)
+    domains: tuple[str, ...] = ("maze-medium", "maze-large")  # the domains to make (keys of MAZES; antmaze-*: convert)
     mixtures: tuple[str, ...] = ("undirected", "directed")  # the mixtures to collect per domain
     seed: int = 0  # every file draws from its own stream, np.random.default_rng((seed, domain, mixture, task))
     medium_size: int = 40_000  # maze-medium: transitions per file, rounded up to whole episodes
@@ -42,6 +54,7 @@ class Args:
     noise: float = 0.5  # std of the Gaussian noise added to the controller's action (then clipped to [-1, 1])
     reference_episodes: int = 50  # episodes per task for each reference success rate (random, noiseless, noisy)
     out_dir: str = "data"  # the files go to <out_dir>/<domain>/
+    minari_dataset: str = ""  # antmaze-*: the Minari dataset to convert (default: D4RL/antmaze/<maze>-diverse-v1)
     overwrite: bool = False  # redo files whose recorded settings match the flags (otherwise they are kept)
 
 
@@ -53,44 +66,58 @@ LIMITS = {"seed": "[0, 4294967295]", "medium_size": "[1, inf)", "large_size": "[
 # ---------------------------------------------------------------- the maze task suite
 # (the same definitions are copied into every training script; the parity tests pin them)
 MAZE_START, GOAL_RADIUS = (1, 1), 0.45  # every episode starts in this cell (D4RL's AntMaze); the success distance
-MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task)
-    "maze-medium": ("PointMaze_Medium-v3", (8, 8), ((2, 6), (5, 1), (6, 5))),
-    "maze-large": ("PointMaze_Large-v3", (9, 12), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))),
+MEDIUM_GOALS, LARGE_GOALS = ((2, 6), (5, 1), (6, 5)), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))
+MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task, a cell's size)
+    "maze-medium": ("PointMaze_Medium-v3", (8, 8), MEDIUM_GOALS, 1.0),
+    "maze-large": ("PointMaze_Large-v3", (9, 12), LARGE_GOALS, 1.0),
+    # v4: the version whose dynamics match D4RL's AntMaze data (v5 differs); its maps' goal cells are ours
+    "antmaze-medium": ("AntMaze_Medium_Diverse_GR-v4", (8, 8), MEDIUM_GOALS, 4.0),
+    "antmaze-large": ("AntMaze_Large_Diverse_GR-v4", (9, 12), LARGE_GOALS, 4.0),
 }
 
 
 def goal_xy(domain, task):
-    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells (scaling 1)."""
-    _, (rows, cols), goals = MAZES[domain]
+    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells."""
+    _, (rows, cols), goals, size = MAZES[domain]
     row, col = goals[int(task[5:])]
-    return np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
+    return size * np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
 
 
 class FixedGoalMaze(gym.Wrapper):
-    """PointMaze, goal fixed at its cell's centre, start in MAZE_START +-0.25: obs (x, y, vx, vy), reward 1 at goal."""
+    """A maze, goal fixed at its cell's centre, start in MAZE_START +- a quarter cell, reward 1 at the goal. obs:
+    PointMaze's (x, y, vx, vy); the ant's 27 numbers leave out its (x, y), put first (D4RL's AntMaze observation)."""
 
     def __init__(self, env, goal_cell, goal):
         super().__init__(env)
         self.goal_cell, self.goal = np.array(goal_cell), goal
-        self.observation_space = env.observation_space["observation"]
+        self.ant = env.observation_space["observation"].shape == (27,)
+        obs_space = env.observation_space["observation"]
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (29,)) if self.ant else obs_space
+
+    def observe(self, obs):
+        return np.concatenate([obs["achieved_goal"], obs["observation"]]) if self.ant else obs["observation"]
 
     def reset(self, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options={"goal_cell": self.goal_cell, "reset_cell": np.array(MAZE_START)})
         self.env.unwrapped.goal = self.goal.copy()  # the goal without the environment's position noise
-        return obs["observation"], info
+        return self.observe(obs), info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        return obs["observation"], reward, terminated, truncated, info
+        return self.observe(obs), reward, terminated, truncated, info
 
 
 def make_maze_env(domain, task):
-    """The task's PointMaze: sparse reward, terminal on success, truncated at the registered limit (600 / 800 steps)."""
+    """The task's maze: sparse reward, terminal on success, truncated at the registered limit (PointMaze 600 / 800
+    steps, AntMaze 1,000)."""
     with contextlib.redirect_stderr(io.StringIO()):  # the package prints a notice about other environments on import
         import gymnasium_robotics
     gym.register_envs(gymnasium_robotics)
-    env_id, _, goals = MAZES[domain]
-    return FixedGoalMaze(gym.make(env_id, continuing_task=False), goals[int(task[5:])], goal_xy(domain, task))
+    env_id, _, goals, _ = MAZES[domain]
+    with warnings.catch_warnings():  # AntMaze v4 is not the newest version: it is the one the data was recorded in
+        warnings.simplefilter("ignore")
+        env = gym.make(env_id, continuing_task=False)
+    return FixedGoalMaze(env, goals[int(task[5:])], goal_xy(domain, task))
 
 
 def maze_rewards(domain, tasks, next_obs):
@@ -320,6 +347,84 @@ def collect_domain(args, domain, d):
     write_reference(args, domain, d, folder, prov, prov_path)
 
 
+# ---------------------------------------------------------------- AntMaze: D4RL's data, from Minari
+MINARI = {"antmaze-medium": "D4RL/antmaze/medium-diverse-v1", "antmaze-large": "D4RL/antmaze/large-diverse-v1"}
+
+
+def cell_of(domain, xy):
+    """(row, col) of the maze cell holding the point xy: goal_xy's placement, inverted."""
+    _, (rows, cols), _, size = MAZES[domain]
+    return int(np.floor(rows / 2 - xy[1] / size)), int(np.floor(xy[0] / size + cols / 2))
+
+
+def load_minari(args, domain):
+    """The domain's downloaded Minari dataset, checked to be recorded in the domain's environment."""
+    try:
+        import minari
+    except ImportError:
+        fail("converting AntMaze data needs Minari: pip install 'minari[hdf5]'")
+    dataset_id, env_id = args.minari_dataset or MINARI[domain], MAZES[domain][0]
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        fail(f"{dataset_id} is not downloaded; get it with: minari download {dataset_id}")
+    recorded = dataset.spec.env_spec.id if dataset.spec.env_spec else "no environment"
+    if recorded != env_id:
+        fail(f"{dataset_id} was recorded in {recorded}, not {env_id}: it is not {domain}'s data")
+    return dataset_id, dataset
+
+
+def split_episodes(args, domain, dataset):
+    """Each episode as transitions, into the directed and undirected mixtures' per-task lists."""
+    tasks, goals = maze_tasks(domain), MAZES[domain][2]
+    split = {mixture: {task: [] for task in tasks} for mixture in MIXTURES}
+    rng = np.random.default_rng((args.seed, list(MAZES).index(domain)))
+    deal = rng.permutation(dataset.total_episodes) % len(tasks)  # undirected: as many episodes for each task
+    elsewhere, moved, read, start = {}, 0, 0, time.time()
+    for i, episode in enumerate(dataset.iterate_episodes()):
+        obs = episode.observations
+        states = np.concatenate([obs["achieved_goal"], obs["observation"]], 1)  # (T + 1, 29)
+        ends = np.arange(len(episode.actions)) == len(episode.actions) - 1
+        part = {"observations": states[:-1], "actions": episode.actions, "next_observations": states[1:], "ends": ends}
+        cell, moved = cell_of(domain, obs["desired_goal"][0]), moved + bool(np.ptp(obs["desired_goal"], 0).any())
+        if cell in goals:
+            split["directed"][tasks[goals.index(cell)]].append(part)
+        else:
+            elsewhere[str(cell)] = elsewhere.get(str(cell), 0) + 1
+        split["undirected"][tasks[deal[i]]].append(part)
+        read += len(ends)
+        if i % 50 == 0 or read == dataset.total_steps:
+            print(f"\r{domain}: {read}/{dataset.total_steps} transitions read, {time.time() - start:.0f} s", end="")
+    print()
+    print(f"{domain} directed: episodes commanded to no task's goal cell, left out: {elsewhere or 'none'}")
+    if moved:
+        print(f"note: {moved} episodes change their goal; each is filed under its first goal")
+    return split, {"left_out_of_directed": elsewhere, "episodes_changing_goal": moved}
+
+
+def convert_domain(args, domain):
+    dataset_id, dataset = load_minari(args, domain)
+    split, counts = split_episodes(args, domain, dataset)
+    folder = os.path.join(args.out_dir, domain)
+    os.makedirs(folder, exist_ok=True)
+    prov = {"command": command(), "source": dataset_id, "environment": MAZES[domain][0], **counts, "files": {}}
+    for mixture in args.mixtures:
+        for k, task in enumerate(maze_tasks(domain)):
+            if not split[mixture][task]:
+                fail(f"{dataset_id} holds no episode commanded to {task}'s goal cell {MAZES[domain][2][k]}")
+            data, name = as_dataset(domain, task, split[mixture][task]), f"{mixture}_{task}.npz"
+            np.savez(os.path.join(folder, name), **data)
+            entry = {"mixture": mixture, "task": task, "goal_cell": list(MAZES[domain][2][k]),
+                     "transitions": len(data["terminals"]), **episode_stats(data)}  # fmt: skip
+            prov["files"][name] = entry
+            print(f"wrote {folder}/{name}: {entry['transitions']} transitions, {entry['episodes']} episodes, "
+                  f"success {entry['success_rate']:.2f}")  # fmt: skip
+    reference = {t: {"random_return": 0.0, "expert_return": 1.0} for t in maze_tasks(domain)}
+    note = "D4RL's AntMaze normalisation: 0 and 1, so a normalised score is the success rate in %"
+    json.dump({"note": note, "tasks": reference}, open(os.path.join(folder, "reference.json"), "w"), indent=2)
+    json.dump(prov, open(os.path.join(folder, "provenance.json"), "w"), indent=2)
+
+
 def write_reference(args, domain, d, folder, prov, prov_path):
     """reference.json: the reference success rates (rerun only when the settings change) and each file's data."""
     settings = {k: getattr(args, k) for k in ("seed", "kp", "kd", "noise", "reference_episodes")}
@@ -371,8 +476,11 @@ def main(args: Args):
             fail(f"--{flag} must name some of {', '.join(known)}, got {' '.join(given) or 'none'}")
     start = time.time()
     for domain in args.domains:
-        collect_domain(args, domain, list(MAZES).index(domain))
-    readme_tables(args.out_dir, args.domains)
+        if domain in MINARI:
+            convert_domain(args, domain)
+        else:
+            collect_domain(args, domain, list(MAZES).index(domain))
+    readme_tables(args.out_dir, [domain for domain in args.domains if domain not in MINARI])
     print(f"done in {time.time() - start:.0f} s")
 
 

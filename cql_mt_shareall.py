@@ -305,6 +305,7 @@ class Domain:
     relabel: Callable  # (data, tasks) -> rewards, terminals: every transition under every task, (N, len(tasks))
     success: bool  # an episode's return is its success, 0 or 1 (else a return to normalise)
     run_prefix: str  # run folders are runs/<exp_name>__<run_prefix><mixture>__<seed>
+    make_data: str  # the command that writes the domain's files (shipped, except AntMaze's: see the README)
 
 
 # ---- MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks); x_velocity is stored.
@@ -363,49 +364,64 @@ def walker_relabel(data, tasks):
 DOMAINS = {"mt-walker2d": Domain(WALKER_TASKS, 17, 6, {
     "imbalanced": ("run_forward_medium_replay", "run_backward_medium", "jump_expert"),
     "all-medium": ("run_forward_medium", "run_backward_medium", "jump_medium"),
-}, "", ("x_velocity",), make_env, walker_relabel, success=False, run_prefix="")}  # fmt: skip
+}, "", ("x_velocity",), make_env, walker_relabel, False, "", "python collect_datasets.py")}  # fmt: skip
 
 
-# ---- Mazes: the CDS paper's AntMaze protocol on Gymnasium-Robotics' PointMaze; a goal cell of its maps per task.
+# ---- Mazes: the CDS paper's AntMaze protocol on Gymnasium-Robotics' mazes; a goal cell of its maps per task. The
+# ---- point robot's data is made here and shipped; the ant's is D4RL's, from Minari, converted by collect_maze.py.
 MAZE_START, GOAL_RADIUS = (1, 1), 0.45  # every episode starts in this cell (D4RL's AntMaze); the success distance
-MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task)
-    "maze-medium": ("PointMaze_Medium-v3", (8, 8), ((2, 6), (5, 1), (6, 5))),
-    "maze-large": ("PointMaze_Large-v3", (9, 12), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))),
+MEDIUM_GOALS, LARGE_GOALS = ((2, 6), (5, 1), (6, 5)), ((1, 6), (3, 5), (3, 10), (5, 2), (7, 4), (7, 6), (7, 9))
+MAZES = {  # domain: (environment, map size in cells (rows, cols), one goal cell per task, a cell's size)
+    "maze-medium": ("PointMaze_Medium-v3", (8, 8), MEDIUM_GOALS, 1.0),
+    "maze-large": ("PointMaze_Large-v3", (9, 12), LARGE_GOALS, 1.0),
+    # v4: the version whose dynamics match D4RL's AntMaze data (v5 differs); its maps' goal cells are ours
+    "antmaze-medium": ("AntMaze_Medium_Diverse_GR-v4", (8, 8), MEDIUM_GOALS, 4.0),
+    "antmaze-large": ("AntMaze_Large_Diverse_GR-v4", (9, 12), LARGE_GOALS, 4.0),
 }
 
 
 def goal_xy(domain, task):
-    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells (scaling 1)."""
-    _, (rows, cols), goals = MAZES[domain]
+    """Centre (x, y) of the task's goal cell ("goal_<k>"), as Gymnasium-Robotics places cells."""
+    _, (rows, cols), goals, size = MAZES[domain]
     row, col = goals[int(task[5:])]
-    return np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
+    return size * np.array([col + 0.5 - cols / 2, rows / 2 - row - 0.5])
 
 
 class FixedGoalMaze(gym.Wrapper):
-    """PointMaze, goal fixed at its cell's centre, start in MAZE_START +-0.25: obs (x, y, vx, vy), reward 1 at goal."""
+    """A maze, goal fixed at its cell's centre, start in MAZE_START +- a quarter cell, reward 1 at the goal. obs:
+    PointMaze's (x, y, vx, vy); the ant's 27 numbers leave out its (x, y), put first (D4RL's AntMaze observation)."""
 
     def __init__(self, env, goal_cell, goal):
         super().__init__(env)
         self.goal_cell, self.goal = np.array(goal_cell), goal
-        self.observation_space = env.observation_space["observation"]
+        self.ant = env.observation_space["observation"].shape == (27,)
+        obs_space = env.observation_space["observation"]
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (29,)) if self.ant else obs_space
+
+    def observe(self, obs):
+        return np.concatenate([obs["achieved_goal"], obs["observation"]]) if self.ant else obs["observation"]
 
     def reset(self, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options={"goal_cell": self.goal_cell, "reset_cell": np.array(MAZE_START)})
         self.env.unwrapped.goal = self.goal.copy()  # the goal without the environment's position noise
-        return obs["observation"], info
+        return self.observe(obs), info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        return obs["observation"], reward, terminated, truncated, info
+        return self.observe(obs), reward, terminated, truncated, info
 
 
 def make_maze_env(domain, task):
-    """The task's PointMaze: sparse reward, terminal on success, truncated at the registered limit (600 / 800 steps)."""
+    """The task's maze: sparse reward, terminal on success, truncated at the registered limit (PointMaze 600 / 800
+    steps, AntMaze 1,000)."""
     with contextlib.redirect_stderr(io.StringIO()):  # the package prints a notice about other environments on import
         import gymnasium_robotics
     gym.register_envs(gymnasium_robotics)
-    env_id, _, goals = MAZES[domain]
-    return FixedGoalMaze(gym.make(env_id, continuing_task=False), goals[int(task[5:])], goal_xy(domain, task))
+    env_id, _, goals, _ = MAZES[domain]
+    with warnings.catch_warnings():  # AntMaze v4 is not the newest version: it is the one the data was recorded in
+        warnings.simplefilter("ignore")
+        env = gym.make(env_id, continuing_task=False)
+    return FixedGoalMaze(env, goals[int(task[5:])], goal_xy(domain, task))
 
 
 def maze_rewards(domain, tasks, next_obs):
@@ -419,11 +435,12 @@ def maze_relabel(domain, data, tasks):
     return reached.astype(np.float32), reached
 
 
-for maze, (_, _, goals) in MAZES.items():  # task goal_k: reach goal cell k; files data/<maze>/<mixture>_<task>.npz
-    tasks = tuple(f"goal_{k}" for k in range(len(goals)))
-    DOMAINS[maze] = Domain(tasks, 4, 2, {m: tuple(f"{m}_{t}" for t in tasks) for m in ("undirected", "directed")},
-                           maze, (), functools.partial(make_maze_env, maze), functools.partial(maze_relabel, maze),
-                           success=True, run_prefix=maze + "-")  # fmt: skip
+for maze, (_, _, goals, size) in MAZES.items():  # task goal_k: reach goal cell k; data/<maze>/<mixture>_<task>.npz
+    tasks, (obs_dim, act_dim) = tuple(f"goal_{k}" for k in range(len(goals))), (4, 2) if size == 1 else (29, 8)
+    DOMAINS[maze] = Domain(tasks, obs_dim, act_dim, {m: tuple(f"{m}_{t}" for t in tasks) for m in ("undirected",
+                           "directed")}, maze, (), functools.partial(make_maze_env, maze),
+                           functools.partial(maze_relabel, maze), True, maze + "-",
+                           f"python collect_maze.py --domains {maze}")  # fmt: skip
 
 
 # ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's speed is stored.
@@ -472,7 +489,8 @@ def dmc_relabel(data, tasks):
 
 DOMAINS["dmc-walker"] = Domain(tuple(DMC_SPEEDS), 24, 6, {
     m: tuple(f"{t}_{m.replace('-', '_')}" for t in DMC_SPEEDS) for m in ("medium", "medium-replay")
-}, "dmc-walker", ("horizontal_velocity",), make_dmc_env, dmc_relabel, False, run_prefix="dmc-walker-")  # fmt: skip
+}, "dmc-walker", ("horizontal_velocity",), make_dmc_env, dmc_relabel, False, "dmc-walker-",
+ "python collect_datasets.py --domain dmc-walker")  # fmt: skip
 
 
 # ==== PLUMBING, identical in every script and pinned by tests/test_parity.py: loading and validation, the run folder,
@@ -549,6 +567,8 @@ def load_mixture(args):
     paths = list(args.datasets) or [os.path.join(HERE, "data", domain.data_dir, name + ".npz") for name in shipped]
     parts = []
     for task, path in zip(args.tasks, paths):
+        if not args.datasets and not os.path.isfile(path):
+            raise DatasetError(f"{path} not found; {args.domain}'s files are made by: {domain.make_data}")
         source_task, data = load_dataset(path, args.domain)
         if source_task != task:
             raise DatasetError(f"{path} holds {source_task} data but was given for task {task}")

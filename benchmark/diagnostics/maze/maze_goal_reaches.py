@@ -21,7 +21,8 @@ spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "cql_mt_cd
 c = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(c)
 
-for domain, (_, _, goals) in c.MAZES.items():
+for domain in ("maze-medium", "maze-large"):  # the shipped mazes (AntMaze's data is converted by the user)
+    goals = c.MAZES[domain][2]
     tasks = [f"goal_{k}" for k in range(len(goals))]
     for mixture in ("undirected", "directed"):
         print(f"\n# {domain}, {mixture}: rows = the file of task j, columns = goal i (relabelled)")
