@@ -1,10 +1,11 @@
 """Multi-task BRAC with Conservative Data Sharing (CDS): task i trains on D_i plus the other tasks' transitions whose
-value-penalised Q under task i reaches the top-k percentile of task i's own, relabelled to task i. BRAC: Wu, Tucker &
-Nachum (2019), https://arxiv.org/abs/1911.11361. CDS: Yu et al. (2021), https://arxiv.org/abs/2109.08128. BRAC-v: a
-behaviour model pi_beta(a|s,i) is fitted by maximum likelihood to the data each task trains on; the critic's target
-subtracts alpha KL(pi || pi_beta)(s'), and the actor minimises alpha KL - Q. `--share none` and `all` give the
-baselines. One network of each kind for all tasks, fed a task one-hot. Top to bottom: Args, tasks, networks, the losses,
-the sharing rule, evaluation, the training loop; below the PLUMBING banner, the code every script shares.
+value-penalised Q under task i reaches a percentile of task i's own (by default its 10th), relabelled to task i.
+BRAC: Wu, Tucker & Nachum (2019), https://arxiv.org/abs/1911.11361. CDS: Yu et al. (2021),
+https://arxiv.org/abs/2109.08128. BRAC-v: a behaviour model pi_beta(a|s,i) is fitted by maximum likelihood to the data
+each task trains on; the critic's target subtracts alpha KL(pi || pi_beta)(s'), and the actor minimises alpha KL - Q.
+`--share none` and `all` give the baselines. One network of each kind for all tasks, fed a task one-hot. Top to
+bottom: Args, tasks, networks, the losses, the sharing rule, evaluation, the training loop; below the PLUMBING banner,
+the code every script shares.
 """
 
 import contextlib
@@ -77,9 +78,10 @@ class Args:
     bf16: bool = False  # bfloat16 autocast of the network passes (about 1.4x on CPU; benchmark/README.md, Speed)
     compile: bool = False  # torch.compile the losses (slower for BRAC on CPU; benchmark/README.md, Speed)
     share: str = "cds"  # data task i trains on: `cds`, `none` (D_i) or `all` (every D_j); give each its own --exp-name
-    cds_percentile: float = 90.0
-    """k: route a candidate whose Q-hat reaches the top-k percentile of the task's own batch (90: its 10th percentile).
-    The CDS paper gives no k; 90 won a sweep of 50 and 90 (benchmark/README.md, Sweep: the CDS percentile k)"""
+    cds_threshold_percentile: float = 10.0
+    """p: route a candidate whose Q-hat reaches the p-th percentile of the own batch's Q-hat (10: what 90% of it
+    exceeds). The CDS paper's "top-k percentile" gives no k, and reads as p = 100 - k or p = k (README, deviations)"""
+    cds_percentile: float | None = None  # the old flag: --cds-percentile k is --cds-threshold-percentile 100 - k
     cds_basic: bool = False  # CDS (basic): threshold at the mean Q-hat of the own batch (CDS paper's basic variant)
     cds_candidates: int = 256  # candidates drawn from the other tasks per task per step (as many as the own batch)
 
@@ -90,7 +92,7 @@ LIMITS = {  # the interval of every numeric flag, checked before anything is cre
     "behavior_lr": "(0, inf)", "alpha": "[0, inf)", "target_kl": "(0, inf)", "alpha_lr": "(0, inf)",
     "kl_samples": "[1, inf)", "behavior_warmup_steps": "[0, inf)", "actor_warmup_steps": "[0, inf)",
     "eval_freq": "[1, inf)", "eval_episodes": "[1, inf)", "log_freq": "[1, inf)", "checkpoint_freq": "[1, inf)",
-    "cds_percentile": "[0, 100]", "cds_candidates": "[1, inf)",
+    "cds_threshold_percentile": "[0, 100]", "cds_percentile": "[0, 100]", "cds_candidates": "[1, inf)",
 }  # fmt: skip
 
 
@@ -284,10 +286,18 @@ def conservative_q(critic, buf, indices):
 
 
 def cds_route(q_own, q_candidates, percentile, basic=False):
-    """CDS weights w = 1[Q-hat(s, a, i) - threshold_i >= 0], threshold_i over task i's own batch: the top-k
-    percentile of its Q-hat (the value k% of it exceeds), or with `basic` its mean. (T, M) -> bool (T, M')."""
-    threshold = q_own.mean(1) if basic else torch.quantile(q_own, 1.0 - percentile / 100.0, dim=1)
+    """CDS weights w = 1[Q-hat(s, a, i) - threshold_i >= 0], threshold_i over task i's own batch: the `percentile`-th
+    percentile of its Q-hat (10: the value 90% of it exceeds), or with `basic` its mean. (T, M) -> bool (T, M')."""
+    threshold = q_own.mean(1) if basic else torch.quantile(q_own, percentile / 100.0, dim=1)
     return q_candidates >= threshold[:, None]
+
+
+def renamed_percentile(args):
+    """--cds-percentile k, the old flag (k of the paper's "top-k percentile"), is the threshold at p = 100 - k."""
+    if args.cds_percentile is not None:
+        args.cds_threshold_percentile = 100.0 - args.cds_percentile
+        print(f"note: --cds-percentile {args.cds_percentile:g} is now --cds-threshold-percentile "
+              f"{args.cds_threshold_percentile:g} (the same threshold)")  # fmt: skip
 
 
 def drop_unrouted(candidates, routed):
@@ -324,7 +334,7 @@ def sample_batch(buf, starts, sizes, critic, args):
     own = sample_own(starts, sizes, args.batch_size)
     candidates = sample_others(starts, sizes, args.cds_candidates)
     q_own, q_candidates = conservative_q(critic, buf, own), conservative_q(critic, buf, candidates)
-    routed = cds_route(q_own, q_candidates, args.cds_percentile, args.cds_basic)
+    routed = cds_route(q_own, q_candidates, args.cds_threshold_percentile, args.cds_basic)
     source, stats = buf["source"][candidates], {}
     for i, dst in enumerate(args.tasks):
         for j, src in enumerate(args.tasks):
@@ -416,6 +426,7 @@ def describe_step(losses, stats, alpha, learned):
 # ---- The training loop: fit pi_beta; then sample, losses, one step of every optimiser, targets, log, evaluate, save.
 def main(args: Args):
     device, buf, run_info = setup(args, LIMITS)
+    renamed_percentile(args)
     if args.share not in ("none", "all", "cds"):
         fail(f"--share must be none, all or cds, got {args.share!r}")
     if args.target_kl is not None and args.alpha == 0:

@@ -1,5 +1,5 @@
 """Multi-task CQL with Conservative Data Sharing (CDS): task i trains on D_i plus the other tasks' transitions whose
-conservative Q-value under task i reaches the top-k percentile of task i's own, relabelled to task i.
+conservative Q-value under task i reaches a percentile of task i's own (by default its 10th), relabelled to task i.
 CDS: Yu et al. (2021), https://arxiv.org/abs/2109.08128. CQL: Kumar et al. (2020), https://arxiv.org/abs/2006.04779.
 One actor and one twin critic for all tasks, fed a task one-hot. Top to bottom: Args, tasks, networks, the losses,
 the sharing rule, evaluation, the training loop; below the PLUMBING banner, the code every script shares.
@@ -64,9 +64,10 @@ class Args:
     resume: bool = False  # continue runs/<run_name> from its checkpoint (to a larger --total-steps too)
     bf16: bool = False  # bfloat16 autocast of the network passes (about 2x on CPU; benchmark/README.md, Speed)
     compile: bool = False  # torch.compile the losses (benchmark/README.md, Speed)
-    cds_percentile: float = 90.0
-    """k: route a candidate whose Q-hat reaches the top-k percentile of the task's own batch (90: its 10th percentile).
-    The CDS paper gives no k; 90 won a sweep of 50 and 90 (benchmark/README.md, Sweep: the CDS percentile k)"""
+    cds_threshold_percentile: float = 10.0
+    """p: route a candidate whose Q-hat reaches the p-th percentile of the own batch's Q-hat (10: what 90% of it
+    exceeds). The CDS paper's "top-k percentile" gives no k, and reads as p = 100 - k or p = k (README, deviations)"""
+    cds_percentile: float | None = None  # the old flag: --cds-percentile k is --cds-threshold-percentile 100 - k
     cds_basic: bool = False  # CDS (basic): threshold at the mean Q-hat of the own batch (CDS paper's basic variant)
     cds_candidates: int = 256  # candidates drawn from the other tasks per task per step (as many as the own batch)
 
@@ -75,8 +76,8 @@ LIMITS = {  # the interval of every numeric flag, checked before anything is cre
     "seed": "[0, 4294967295]", "total_steps": "[1, inf)", "batch_size": "[1, inf)", "gamma": "[0, 1)", "tau": "(0, 1]",
     "policy_lr": "(0, inf)", "q_lr": "(0, inf)", "hidden_dim": "[1, inf)", "n_hidden": "[1, inf)",
     "cql_alpha": "[0, inf)", "cql_n_actions": "[1, inf)", "cql_target_gap": "(-inf, inf)", "eval_freq": "[1, inf)",
-    "eval_episodes": "[1, inf)", "log_freq": "[1, inf)", "checkpoint_freq": "[1, inf)", "cds_percentile": "[0, 100]",
-    "cds_candidates": "[1, inf)",
+    "eval_episodes": "[1, inf)", "log_freq": "[1, inf)", "checkpoint_freq": "[1, inf)",
+    "cds_threshold_percentile": "[0, 100]", "cds_percentile": "[0, 100]", "cds_candidates": "[1, inf)",
 }  # fmt: skip
 
 
@@ -232,10 +233,18 @@ def conservative_q(critic, buf, indices):
 
 
 def cds_route(q_own, q_candidates, percentile, basic=False):
-    """CDS weights w = 1[Q-hat(s, a, i) - threshold_i >= 0], threshold_i over task i's own batch: the top-k
-    percentile of its Q-hat (the value k% of it exceeds), or with `basic` its mean. (T, M) -> bool (T, M')."""
-    threshold = q_own.mean(1) if basic else torch.quantile(q_own, 1.0 - percentile / 100.0, dim=1)
+    """CDS weights w = 1[Q-hat(s, a, i) - threshold_i >= 0], threshold_i over task i's own batch: the `percentile`-th
+    percentile of its Q-hat (10: the value 90% of it exceeds), or with `basic` its mean. (T, M) -> bool (T, M')."""
+    threshold = q_own.mean(1) if basic else torch.quantile(q_own, percentile / 100.0, dim=1)
     return q_candidates >= threshold[:, None]
+
+
+def renamed_percentile(args):
+    """--cds-percentile k, the old flag (k of the paper's "top-k percentile"), is the threshold at p = 100 - k."""
+    if args.cds_percentile is not None:
+        args.cds_threshold_percentile = 100.0 - args.cds_percentile
+        print(f"note: --cds-percentile {args.cds_percentile:g} is now --cds-threshold-percentile "
+              f"{args.cds_threshold_percentile:g} (the same threshold)")  # fmt: skip
 
 
 def drop_unrouted(candidates, routed):
@@ -257,7 +266,7 @@ def sample_batch(buf, starts, sizes, critic, args):
     own = sample_own(starts, sizes, args.batch_size)
     candidates = sample_others(starts, sizes, args.cds_candidates)
     q_own, q_candidates = conservative_q(critic, buf, own), conservative_q(critic, buf, candidates)
-    routed = cds_route(q_own, q_candidates, args.cds_percentile, args.cds_basic)
+    routed = cds_route(q_own, q_candidates, args.cds_threshold_percentile, args.cds_basic)
     source, stats = buf["source"][candidates], {}
     for i, dst in enumerate(args.tasks):
         for j, src in enumerate(args.tasks):
@@ -297,6 +306,7 @@ def evaluate(actor, domain, tasks, episodes, obs_mean, obs_std, seed, device):
 # ---- The training loop: sample, losses, one step of every optimiser, targets, log, evaluate, checkpoint.
 def main(args: Args):
     device, buf, run_info = setup(args, LIMITS)
+    renamed_percentile(args)
     if len(args.tasks) < 2:
         fail("CDS shares data between tasks: give it at least two --tasks")
     n_tasks, sizes, dims = (

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_longer_budget_and_sweep_methods(tmp_path):
     out = runner(*flags.split(), "cql_cds_k50", "hcsac", "brac_cds_a0.1_k50", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     cds, hcsac, brac = [shlex.split(line) for line in out.stdout.splitlines()]
-    assert cds[cds.index("--total-steps") + 1] == "20000" and cds[cds.index("--cds-percentile") + 1] == "50"
+    assert cds[cds.index("--total-steps") + 1] == "20000" and cds[cds.index("--cds-threshold-percentile") + 1] == "50"
     assert hcsac[hcsac.index("--steps-per-epoch") + 1] == "200" and hcsac[hcsac.index("--epochs") + 1] == "100"
     assert brac[brac.index("--alpha") + 1] == "0.1" and brac[brac.index("--share") + 1] == "cds"
     for budget, steps in (("cpu-20k", "20000"), ("cpu-40k", "40000"), ("cpu-80k", "80000")):
@@ -191,6 +192,35 @@ def test_report_tables_figures_and_diagnostics(tmp_path):
     assert saved["command"].startswith("python cql_mt_cds.py --exp-name cql_cds")
 
 
+def test_report_joins_per_task_runs_into_one_row(tmp_path):
+    """CSAC trains one task per run (csac_walk, csac_run); the report shows each seed's pair as one csac row, each
+    task's column from its own run, the averages over both; a seed missing a task's run is left out."""
+    pytest.importorskip("matplotlib")
+    mixture, results = "dmc-walker-medium", tmp_path / "results"
+    for method, seed, tasks in (("csac_walk", 1, ("walk",)), ("csac_run", 1, ("run",)), ("csac_walk", 2, ("walk",)),
+                                ("mtcsac", 1, ("walk", "run"))):  # fmt: skip
+        evals = []
+        for step in (14_000, 15_000):
+            e = {"step": step, **{t: {"return": {"walk": 500.0, "run": 100.0}[t] + step / 1000 + seed,
+                                      "normalized_score": {"walk": 50.0, "run": 10.0}[t]} for t in tasks}}  # fmt: skip
+            e["average_return"] = float(np.mean([e[t]["return"] for t in tasks]))
+            e["average_normalized_score"] = float(np.mean([e[t]["normalized_score"] for t in tasks]))
+            evals.append(e)
+        run_dir = tmp_path / "runs" / f"{method}__{mixture}__{seed}"
+        run_dir.mkdir(parents=True)
+        summary = {"finished": True, "steps_done": 15_000, "final": evals[-1], "best": evals[0], "evals": evals,
+                   "args": {"seed": seed}, "datasets": {}}  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    flags = ["--mode", "report", "--budget", "dmc", "--mixtures", mixture, "--seeds", "1", "2", "--results-dir"]
+    out = runner(*flags, str(results), "--methods", "mtcsac", "csac_walk", "csac_run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    table = (results / "results.md").read_text()
+    # one row, seed 1 only (seed 2 has no run task): walk 516, run 116, average 316, normalised (50 + 10) / 2
+    assert "| csac | 1 | 15000 | 516.0 | 116.0 | 316.0 | 315.0 | 30.0 |" in table, table  # best: the first of equals
+    assert "| mtcsac | 1 | 15000 | 516.0 | 116.0 |" in table and "csac_walk" not in table
+    assert (results / "csac_walk__dmc-walker-medium__2.json").exists()  # each run's summary is kept
+
+
 def test_diagnostics_tables_keep_each_key_to_its_meaning():
     run = load_runner()
 
@@ -264,8 +294,8 @@ def test_continue_from_copies_a_shorter_budgets_run_and_resumes_it(tmp_path):
         "--print-commands", *continued, "--methods", "brac_noshare", "brac_cds", "--seeds", "1", "2", cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
-    # brac_noshare seed 1 is skipped: its shorter run has this budget's steps already
-    noshare_2, copy, cds_1, cds_2 = out.stdout.splitlines()
+    # seed by seed; brac_noshare seed 1 is skipped: its shorter run has this budget's steps already
+    copy, cds_1, noshare_2, cds_2 = out.stdout.splitlines()
     assert copy == "mkdir -p long/runs && cp -r short/runs/brac_cds__imbalanced__1 long/runs/brac_cds__imbalanced__1"
     for line, method, seed, resumed in (
         (noshare_2, "brac_noshare", "2", False),  # nothing to continue from: a new run

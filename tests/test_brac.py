@@ -255,13 +255,13 @@ def fake_buffer(sizes):
     }
 
 
-def test_cds_route_percentile_and_basic(m):
+def test_cds_route_threshold_percentile_and_basic(m):
     q_own = torch.stack([torch.arange(100.0), torch.arange(100.0) * 2])  # task 0: 0..99, task 1: 0..198
-    q_candidates = torch.tensor([[89.1, 89.0, 95.0, -5.0], [178.2, 178.1, 200.0, 99.0]])
-    # top-10 percentile: the value 10% of the own Q-hat exceeds = its 0.9 quantile (89.1, 178.2)
-    assert m.cds_route(q_own, q_candidates, 10.0).tolist() == [[True, False, True, False], [True, False, True, False]]
-    # top-50 percentile = the median (49.5, 99.0); a candidate at the threshold is routed (Delta >= 0)
-    assert m.cds_route(q_own, q_candidates, 50.0).tolist() == [[True, True, True, False], [True, True, True, True]]
+    q_candidates = torch.tensor([[89.2, 89.0, 49.5, 9.95, 9.8], [178.3, 178.0, 99.0, 19.85, 19.7]])
+    # the p-th percentile of the own Q-hat: p = 10 (9.9, 19.8), 50 (49.5, 99.0), 90 (89.1, 178.2); >= is routed
+    assert m.cds_route(q_own, q_candidates, 10.0).tolist() == [[True, True, True, True, False]] * 2
+    assert m.cds_route(q_own, q_candidates, 50.0).tolist() == [[True, True, True, False, False]] * 2
+    assert m.cds_route(q_own, q_candidates, 90.0).tolist() == [[True, False, False, False, False]] * 2
     # basic: the mean of the own batch (49.5, 99.0), whatever the percentile
     basic = m.cds_route(q_own, torch.tensor([[49.5, 49.4, 0, 0], [99.0, 98.9, 0, 500]]), 10.0, basic=True)
     assert basic.tolist() == [[True, False, False, False], [True, False, False, True]]
@@ -616,6 +616,7 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         (["--cds-percentile", "150"], "--cds-percentile must lie in [0, 100], got 150.0"),
         (["--cds-percentile", "-5"], "--cds-percentile must lie in [0, 100], got -5.0"),
         (["--cds-percentile", "nan"], "--cds-percentile must lie in [0, 100], got nan"),
+        (["--cds-threshold-percentile", "-1"], "--cds-threshold-percentile must lie in [0, 100], got -1.0"),
         (["--cds-candidates", "0"], "--cds-candidates must lie in [1, inf), got 0"),
         (["--tau", "0"], "--tau must lie in (0, 1], got 0.0"),
         (["--gamma", "1"], "--gamma must lie in [0, 1), got 1.0"),

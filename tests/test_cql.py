@@ -39,21 +39,22 @@ def scalars(run_dir, tag):
 
 
 # ---------------------------------------------------------------- sharing rules on hand-built values
-def test_cds_route_percentile_and_basic():
+def test_cds_route_threshold_percentile_and_basic():
+    """The threshold is the p-th percentile of the own batch's Q-hat: p = 10 routes what reaches the value 90% of the
+    own batch exceeds, p = 90 only what reaches its top tenth; basic: the mean."""
     m = load_module("cql_mt_cds")
     q_own = torch.stack([torch.arange(100.0), torch.arange(100.0) * 2])  # task 0: 0..99, task 1: 0..198
-    q_candidates = torch.tensor([[89.1, 89.0, 95.0, -5.0], [178.2, 178.1, 200.0, 99.0]])
-    # top-10 percentile: the value 10% of the task's own Q-hat exceeds = its 0.9 quantile (89.1, 178.2)
-    routed = m.cds_route(q_own, q_candidates, percentile=10.0)
-    assert routed.tolist() == [[True, False, True, False], [True, False, True, False]]
-    # top-50 percentile = median (49.5 and 99.0); the boundary value is routed (Delta >= 0)
-    assert m.cds_route(q_own, q_candidates, percentile=50.0).tolist() == [
-        [True, True, True, False],
-        [True, True, True, True],
-    ]
-    # basic: threshold at the mean Q-hat of the own batch (49.5 and 99.0)
-    basic = m.cds_route(q_own, torch.tensor([[49.5, 49.4, 0, 0], [99.0, 98.9, 0, 500]]), percentile=10.0, basic=True)
+    q_candidates = torch.tensor([[89.2, 89.0, 49.5, 9.95, 9.8], [178.3, 178.0, 99.0, 19.85, 19.7]])
+    # p = 10: the 0.1 quantile (9.9 and 19.8)
+    assert m.cds_route(q_own, q_candidates, percentile=10.0).tolist() == [[True, True, True, True, False]] * 2
+    # p = 50: the median (49.5 and 99.0); a candidate at the threshold is routed (Delta >= 0)
+    assert m.cds_route(q_own, q_candidates, percentile=50.0).tolist() == [[True, True, True, False, False]] * 2
+    # p = 90: the 0.9 quantile (89.1 and 178.2)
+    assert m.cds_route(q_own, q_candidates, percentile=90.0).tolist() == [[True, False, False, False, False]] * 2
+    # basic: threshold at the mean Q-hat of the own batch (49.5 and 99.0), whatever p
+    basic = m.cds_route(q_own, torch.tensor([[49.5, 49.4, 0, 0], [99.0, 98.9, 0, 500]]), percentile=90.0, basic=True)
     assert basic.tolist() == [[True, False, False, False], [True, False, False, True]]
+    assert m.Args().cds_threshold_percentile == 10.0 and m.Args().cds_percentile is None
 
 
 def fake_buffer(sizes):
@@ -124,7 +125,10 @@ def test_cds_batch_routes_by_the_min_of_the_twin_critics():
 
     assert m.conservative_q(critic, buf, torch.tensor([[3, 70]])).tolist() == [[3.0, 70.0]]
     args = m.Args(
-        batch_size=2000, cds_candidates=2000, cds_percentile=50.0, tasks=("run_forward", "run_backward", "jump")
+        batch_size=2000,
+        cds_candidates=2000,
+        cds_threshold_percentile=50.0,
+        tasks=("run_forward", "run_backward", "jump"),
     )
     torch.manual_seed(0)
     batch, stats = m.sample_batch(buf, starts, sizes, critic, args)
@@ -393,6 +397,10 @@ def test_bad_input_gets_one_clear_line(small_datasets, tmp_path):
         ),
         (["--datasets", *small_datasets, "--cds-percentile", "-5"], "--cds-percentile must lie in [0, 100], got -5.0"),
         (["--datasets", *small_datasets, "--cds-percentile", "nan"], "--cds-percentile must lie in [0, 100], got nan"),
+        (
+            ["--datasets", *small_datasets, "--cds-threshold-percentile", "101"],
+            "--cds-threshold-percentile must lie in [0, 100], got 101.0",
+        ),
         (["--datasets", *small_datasets, "--cds-candidates", "0"], "--cds-candidates must lie in [1, inf), got 0"),
     ]
     for run, (flags, message) in [(script, c) for c in cases] + [("cql_mt_cds", c) for c in cds_cases]:
@@ -414,6 +422,23 @@ def test_an_existing_run_is_never_overwritten(small_datasets, tmp_path):
     assert run_script("cql_mt_noshare", *flags, cwd=tmp_path).returncode == 0
     again = run_script("cql_mt_noshare", *flags, cwd=tmp_path)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+@pytest.mark.parametrize("script", ["cql_mt_cds", "brac_mt_cds"])
+def test_the_old_percentile_flag_still_works_with_a_notice(script, small_datasets, tmp_path):
+    """--cds-percentile k, the old name, is the threshold at the (100 - k)th percentile: a run with k = 90 trains
+    exactly as one with --cds-threshold-percentile 10 (the same losses, step for step)."""
+    flags = ["--datasets", *small_datasets, "--total-steps", "12", "--eval-freq", "12", "--hidden-dim", "32",
+             "--n-hidden", "2", "--batch-size", "16", "--eval-episodes", "1", "--cds-candidates", "16"]  # fmt: skip
+    flags += ["--cql-n-actions", "2"] if script == "cql_mt_cds" else ["--behavior-warmup-steps", "4"]
+    old = run_script(script, *flags, "--cds-percentile", "90", "--exp-name", "old", cwd=tmp_path)
+    new = run_script(script, *flags, "--cds-threshold-percentile", "10", "--exp-name", "new", cwd=tmp_path)
+    assert old.returncode == 0 and new.returncode == 0, old.stderr + new.stderr
+    notice = "note: --cds-percentile 90 is now --cds-threshold-percentile 10 (the same threshold)"
+    assert notice in old.stdout.splitlines() and "note:" not in new.stdout
+    runs = {name: json.load(open(tmp_path / "runs" / f"{name}__custom__1" / "summary.json")) for name in ("old", "new")}
+    assert runs["old"]["args"]["cds_threshold_percentile"] == 10.0 == runs["new"]["args"]["cds_threshold_percentile"]
+    assert runs["old"]["final"] == runs["new"]["final"]  # the same seed, the same threshold: the same run
 
 
 def test_cds_needs_two_tasks(small_datasets, tmp_path):
