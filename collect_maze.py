@@ -117,6 +117,7 @@ def make_maze_env(domain, task):
     with warnings.catch_warnings():  # AntMaze v4 is not the newest version: it is the one the data was recorded in
         warnings.simplefilter("ignore")
         env = gym.make(env_id, continuing_task=False)
+    os.remove(env.unwrapped.tmp_xml_file_path)  # loaded; Gymnasium-Robotics leaves each maze's XML in the temp folder
     return FixedGoalMaze(env, goals[int(task[5:])], goal_xy(domain, task))
 
 
@@ -241,7 +242,9 @@ def directed_episodes(args, domain, d, size):
 def continuing_maze_env(domain):
     """The domain's PointMaze that never terminates (the goal is the controller's business), truncated at the limit."""
     make_maze_env(domain, "goal_0")  # registers the environments
-    return gym.make(MAZES[domain][0], continuing_task=True, reset_target=False)
+    env = gym.make(MAZES[domain][0], continuing_task=True, reset_target=False)
+    os.remove(env.unwrapped.tmp_xml_file_path)  # as make_maze_env does
+    return env
 
 
 def as_dataset(domain, task, episodes):

@@ -498,6 +498,7 @@ def make_maze_env(domain, task):
     with warnings.catch_warnings():  # AntMaze v4 is not the newest version: it is the one the data was recorded in
         warnings.simplefilter("ignore")
         env = gym.make(env_id, continuing_task=False)
+    os.remove(env.unwrapped.tmp_xml_file_path)  # loaded; Gymnasium-Robotics leaves each maze's XML in the temp folder
     return FixedGoalMaze(env, goals[int(task[5:])], goal_xy(domain, task))
 
 
