@@ -7,6 +7,7 @@ the sharing rule, evaluation, the training loop; below the PLUMBING banner, the 
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import io
 import json
 import math
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -41,7 +43,7 @@ class Args:
     seed: int = 1  # seed of torch, numpy, random and the evaluation environments
     torch_deterministic: bool = True  # deterministic torch algorithms (the same seed on CPU gives the same losses)
     device: str = "auto"  # `auto` (CUDA when present), `cpu` or `cuda`
-    domain: str = "mt-walker2d"  # mt-walker2d, maze-medium, maze-large or dmc-walker (README, Domains)
+    domain: str = "mt-walker2d"  # mt-walker2d, maze-medium, maze-large, antmaze-*, dmc-walker, door-drawer (README)
     mixture: Annotated[str, FIRST] = ""  # which shipped data to train on (README, Domains)
     tasks: Annotated[tuple[str, ...], ALL] = ()  # the task names to train and evaluate
     datasets: Annotated[tuple[str, ...], SHIPPED] = ()  # your own .npz files, one per task (data/README.md)
@@ -490,6 +492,85 @@ DOMAINS["dmc-walker"] = Domain(tuple(DMC_SPEEDS), 24, 6, {
     m: tuple(f"{t}_{m.replace('-', '_')}" for t in DMC_SPEEDS) for m in ("medium", "medium-replay")
 }, "dmc-walker", ("horizontal_velocity",), make_dmc_env, dmc_relabel, False, "dmc-walker-",
  "python collect_datasets.py --domain dmc-walker")  # fmt: skip
+
+
+# ---- Door and drawer: the CDS paper's manipulation tasks, Meta-World's Sawyer with both objects in one scene, built
+# ---- from Meta-World 3.0.0's model files. obs: hand xyz, gripper opening, door and drawer handle xyz, hinge, slide.
+DD_TASKS, DD_STEPS = ("door_open", "door_close", "drawer_open", "drawer_close"), 300  # the episode limit (README)
+DOOR, DRAWER = np.array([0.2, 0.9, 0.15]), np.array([-0.3, 0.9, 0.0])  # the objects' places in the scene
+HAND_LOW, HAND_HIGH = (-0.5, 0.4, 0.05), (0.5, 1.0, 0.5)  # Meta-World's limits of the hand for these tasks
+DD_SCENE = """<mujoco><compiler meshdir="{a}/sawyer_xyz" texturedir="{a}/sawyer_xyz"/>{includes}<worldbody>
+<include file="{a}/objects/assets/xyz_base.xml"/><body name="door" pos="0.2 0.9 0.15"><include
+file="{a}/objects/assets/doorlockB.xml"/></body><body name="drawer" pos="-0.3 0.9 0"><include
+file="{a}/objects/assets/drawer.xml"/></body></worldbody><actuator><position ctrllimited="true" ctrlrange="-1 1"
+joint="r_close" kp="400"/><position ctrllimited="true" ctrlrange="-1 1" joint="l_close" kp="400"/></actuator><equality>
+<weld body1="mocap" body2="hand" solref="0.02 1" relpose="0 0 0 1 0 0 0" torquescale="5"/></equality></mujoco>"""
+
+
+class DoorDrawer(gym.Env):
+    """One task in the scene. Meta-World's action: the hand's mocap moves by a[:3] / 100 (within its limits), a[3] is
+    the gripper's effort; 5 physics steps a step. Reward 1 and a terminal when the task's success holds."""
+
+    observation_space, action_space = gym.spaces.Box(-np.inf, np.inf, (12,)), gym.spaces.Box(-1.0, 1.0, (4,))
+
+    def __init__(self, task, scene):
+        self.task, self.model = task, mujoco.MjModel.from_xml_string(scene)
+        self.data, self.joints = mujoco.MjData(self.model), [self.model.joint("doorjoint").qposadr[0]]
+        self.joints.append(self.model.joint("goal_slidey").qposadr[0])
+
+    def observe(self):
+        d, drawer = self.data, self.data.body("drawer_link").xpos + [0.0, -0.16, 0.0]  # Meta-World's drawer handle
+        grip = np.clip(np.linalg.norm(d.body("rightclaw").xpos - d.body("leftclaw").xpos) / 0.1, 0.0, 1.0)
+        return np.concatenate([d.body("hand").xpos, [grip], d.geom("handle").xpos, drawer, d.qpos[self.joints]])
+
+    def reset(self, seed=None, options=None):  # the task's object shut or open, the other anywhere; the hand +-2 cm
+        super().reset(seed=seed)
+        mujoco.mj_resetData(self.model, self.data)
+        rng, task = self.np_random, self.task
+        door = {"door_open": 0.0, "door_close": -np.pi / 2}.get(task, rng.uniform(-np.pi / 2, 0.0))
+        self.data.qpos[self.joints] = door, {"drawer_open": 0.0, "drawer_close": -0.15}.get(task, rng.uniform(-0.15, 0))
+        hand = [{"door_open": DOOR[0] - 0.1, "door_close": DOOR[0] - 0.6}.get(task, DRAWER[0]), 0.6, 0.2]
+        self.data.mocap_pos[0], self.data.mocap_quat[0] = hand + rng.uniform(-0.02, 0.02, 3), (1, 0, 1, 0)
+        self.data.ctrl[:], self.steps = (-1, 1), 0
+        mujoco.mj_step(self.model, self.data, 250)  # the hand settles (Meta-World: 50 steps of 5)
+        return self.observe(), {}
+
+    def step(self, action):
+        a = np.clip(action, -1.0, 1.0)
+        self.data.mocap_pos[0] = np.clip(self.data.mocap_pos[0] + a[:3] / 100, HAND_LOW, HAND_HIGH)
+        self.data.ctrl[:], self.steps = (a[3], -a[3]), self.steps + 1
+        mujoco.mj_step(self.model, self.data, 5)
+        obs = self.observe()
+        success = bool(dd_relabel({"next_observations": obs[None]}, (self.task,))[1][0, 0])
+        return obs, float(success), success, self.steps >= DD_STEPS, {}
+
+
+def make_dd_env(task):
+    spec = importlib.util.find_spec("metaworld")  # its model files only: its environments are not used
+    a = os.path.join(spec.submodule_search_locations[0], "assets") if spec else ""
+    if not os.path.isdir(os.path.join(a, "objects")):
+        raise ImportError("door-drawer needs Meta-World's models: pip install metaworld==3.0.0")
+    deps = ("scene/basic_scene", *(f"objects/assets/{o}_dependencies" for o in ("doorlock", "drawer", "xyz_base")))
+    return DoorDrawer(task, DD_SCENE.format(a=a, includes="".join(f'<include file="{a}/{d}.xml"/>' for d in deps)))
+
+
+def dd_relabel(data, tasks):
+    """Meta-World's success of each task from s' (door open: the handle's x within 8 cm of the open door's; door close:
+    the handle within 8 cm of the closed door's; drawer open: within 3 cm of pulled out; drawer close: 5.5 cm of in,
+    measured from 5 cm above the handle as Meta-World does)."""
+    door, drawer = data["next_observations"][:, 4:7], data["next_observations"][:, 7:10]
+    rules = {"door_open": np.abs(door[:, 0] - (DOOR[0] - 0.3)) <= 0.08,
+             "door_close": np.linalg.norm(door - (DOOR + [0.2, -0.2, 0.0]), axis=1) <= 0.08,
+             "drawer_open": np.linalg.norm(drawer - (DRAWER + [0.0, -0.36, 0.09]), axis=1) <= 0.03,
+             "drawer_close": np.linalg.norm(drawer - (DRAWER + [0.0, -0.16, 0.04]), axis=1) <= 0.055}  # fmt: skip
+    success = np.stack([rules[t] for t in tasks], 1)
+    return success.astype(np.float32), success
+
+
+DOMAINS["door-drawer"] = Domain(DD_TASKS, 12, 4, {
+    "imbalanced": ("door_open_medium_replay", "door_close_expert", "drawer_open_expert", "drawer_close_medium_replay"),
+    "medium-replay": tuple(f"{t}_medium_replay" for t in DD_TASKS),
+}, "door-drawer", (), make_dd_env, dd_relabel, True, "door-drawer-", "python collect_door_drawer.py")  # fmt: skip
 
 
 # ==== PLUMBING, identical in every script and pinned by tests/test_parity.py: loading and validation, the run folder,

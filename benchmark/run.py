@@ -39,7 +39,9 @@ OTHER_DOMAINS = {  # the tasks of the other domains, whose grid mixtures are <do
     "maze-medium": tuple(f"goal_{k}" for k in range(3)),
     "maze-large": tuple(f"goal_{k}" for k in range(7)),
     "dmc-walker": ("walk", "run"),
+    "door-drawer": ("door_open", "door_close", "drawer_open", "drawer_close"),
 }
+SUCCESS_DOMAINS = ("maze-", "door-drawer-")  # grid mixtures whose returns are success rates, reported in %
 
 
 def tasks_of(mixture):
@@ -144,6 +146,8 @@ GRID = {
     "maze-large-directed": ["cql_noshare", "cql_shareall", "cql_cds"],
     "dmc-walker-medium": DMC_METHODS,
     "dmc-walker-medium-replay": DMC_METHODS,
+    "door-drawer-imbalanced": [m for m in METHODS if m not in ("mtcsac", "hcsac")],
+    "door-drawer-medium-replay": [m for m in METHODS if m not in ("mtcsac", "hcsac")],
 }
 
 
@@ -544,13 +548,13 @@ def report(args):
         methods = [m for m in table_methods(args.methods or GRID[mixture]) if (mixture, m) in summaries]
         if not methods:
             continue
-        tasks, scale = tasks_of(mixture), 100 if mixture.startswith("maze-") else 1  # a maze: success in %
+        tasks, scale = tasks_of(mixture), 100 if mixture.startswith(SUCCESS_DOMAINS) else 1  # success in %
         lines += [
             f"\n## {mixture}\n",
             (
-                "Return (a maze: success rate in %) at the end of training (final) and at the evaluation with the best "
-                "average normalised score, mean ± std over seeds; normalised score 0 = random policy, 100 = the "
-                "expert (the walker's expert behaviour policy; a maze's scripted controller).\n"
+                "Return (a maze, door-drawer: success rate in %) at the end of training (final) and at the evaluation "
+                "with the best average normalised score, mean ± std over seeds; normalised score 0 = random policy, "
+                "100 = the expert (the walker's expert behaviour policy; a scripted controller).\n"
             ),
             "| method | seeds | steps | "
             + " | ".join(f"{t} final" for t in tasks)

@@ -163,6 +163,10 @@ def test_collection_scripts_share_the_task_suites(modules):  # the collection sc
     collect_maze = load_module("collect_maze")
     for name in ("MAZE_START", "GOAL_RADIUS", "MAZES", "goal_xy", "FixedGoalMaze", "make_maze_env", "maze_rewards"):
         assert source(collect_maze, name) == source(modules["cql_mt_noshare"], name), name
+    collect_door_drawer = load_module("collect_door_drawer")
+    for name in ("DD_TASKS", "DD_STEPS", "DOOR", "DRAWER", "HAND_LOW", "HAND_HIGH", "DD_SCENE", "DoorDrawer",
+                 "make_dd_env", "dd_relabel"):  # fmt: skip
+        assert source(collect_door_drawer, name) == source(modules["cql_mt_noshare"], name), name
 
 
 def test_rewards_and_terminals_agree_on_random_inputs(modules):
@@ -267,7 +271,14 @@ def test_batch_sources_measure_the_share_of_each_batch_by_weight(modules):
 
 def test_no_function_is_longer_than_80_lines():
     """The training loop reads in one screen, and so does every piece it calls."""
-    for script in [*PRESENT, "collect_datasets", "collect_maze", "benchmark/run", "benchmark/speed"]:
+    for script in [
+        *PRESENT,
+        "collect_datasets",
+        "collect_maze",
+        "collect_door_drawer",
+        "benchmark/run",
+        "benchmark/speed",
+    ]:
         tree = ast.parse(open(os.path.join(ROOT, script + ".py")).read())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef):

@@ -11,7 +11,8 @@ from conftest import ROOT, load_module
 
 READMES = ["README.md", "benchmark/README.md", "data/README.md"]
 SCRIPTS = {"cql_mt_noshare.py", "cql_mt_shareall.py", "cql_mt_cds.py", "brac_mt_cds.py", "hcsac.py",
-           "collect_datasets.py", "collect_maze.py", "benchmark/run.py", "benchmark/speed.py"}  # fmt: skip
+           "collect_datasets.py", "collect_maze.py", "collect_door_drawer.py", "benchmark/run.py",
+           "benchmark/speed.py"}  # fmt: skip
 
 
 def readme_commands():
