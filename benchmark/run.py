@@ -136,6 +136,9 @@ BUDGETS["maze-30k"] = {**BUDGETS["maze"], "steps": 30_000}
 BUDGETS["dmc-probe"] = {**BUDGETS["cpu"], "steps": 20_000}
 # and its grid: the same configuration for 15k steps (the probe's MTCSAC scored the same over 11-15k as over 16-20k)
 BUDGETS["dmc"] = {**BUDGETS["cpu"], "steps": 15_000}
+# the door and drawer (the CDS paper's manipulation tasks): the `cpu` configuration, probed for 20k steps with CQL no
+# sharing on both mixtures to find where it plateaus
+BUDGETS["dd-probe"] = {**BUDGETS["cpu"], "steps": 20_000}
 DMC_METHODS = ["mtcsac", "hcsac", "cql_noshare", "cql_cds", "cql_shareall", "csac_walk", "csac_run"]
 GRID = {
     "imbalanced": list(METHODS),
@@ -158,8 +161,8 @@ class Args:
     budget: str = "cpu"
     """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
     80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe), `dmc-probe`
-    (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps) or `paper` (every
-    script at its defaults, 1M steps)"""
+    (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps), `dd-probe` (the same
+    20k steps on door-drawer) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
