@@ -501,12 +501,6 @@ DOMAINS["dmc-walker"] = Domain(tuple(DMC_SPEEDS), 24, 6, {
 DD_TASKS, DD_STEPS = ("door_open", "door_close", "drawer_open", "drawer_close"), 300  # the episode limit (README)
 DOOR, DRAWER = np.array([0.2, 0.9, 0.15]), np.array([-0.3, 0.9, 0.0])  # the objects' places in the scene
 HAND_LOW, HAND_HIGH = (-0.5, 0.4, 0.05), (0.5, 1.0, 0.5)  # Meta-World's limits of the hand for these tasks
-DD_SCENE = """<mujoco><compiler meshdir="{a}/sawyer_xyz" texturedir="{a}/sawyer_xyz"/>{includes}<worldbody>
-<include file="{a}/objects/assets/xyz_base.xml"/><body name="door" pos="0.2 0.9 0.15"><include
-file="{a}/objects/assets/doorlockB.xml"/></body><body name="drawer" pos="-0.3 0.9 0"><include
-file="{a}/objects/assets/drawer.xml"/></body></worldbody><actuator><position ctrllimited="true" ctrlrange="-1 1"
-joint="r_close" kp="400"/><position ctrllimited="true" ctrlrange="-1 1" joint="l_close" kp="400"/></actuator><equality>
-<weld body1="mocap" body2="hand" solref="0.02 1" relpose="0 0 0 1 0 0 0" torquescale="5"/></equality></mujoco>"""
 
 
 class DoorDrawer(gym.Env):
@@ -549,17 +543,15 @@ class DoorDrawer(gym.Env):
 
 def make_dd_env(task):
     spec = importlib.util.find_spec("metaworld")  # its model files only: its environments are not used
-    a = os.path.join(spec.submodule_search_locations[0], "assets") if spec else ""
-    if not os.path.isdir(os.path.join(a, "objects")):
+    assets = os.path.join(spec.submodule_search_locations[0], "assets") if spec else ""
+    if not os.path.isdir(os.path.join(assets, "objects")):
         raise ImportError("door-drawer needs Meta-World's models: pip install metaworld==3.0.0")
-    deps = ("scene/basic_scene", *(f"objects/assets/{o}_dependencies" for o in ("doorlock", "drawer", "xyz_base")))
-    return DoorDrawer(task, DD_SCENE.format(a=a, includes="".join(f'<include file="{a}/{d}.xml"/>' for d in deps)))
+    scene = open(os.path.join(HERE, "data", "door-drawer", "scene.xml")).read()  # ours: Meta-World's parts
+    return DoorDrawer(task, scene.replace("ASSETS", assets))
 
 
 def dd_relabel(data, tasks):
-    """Meta-World's success of each task from s' (door open: the handle's x within 8 cm of the open door's; door close:
-    the handle within 8 cm of the closed door's; drawer open: within 3 cm of pulled out; drawer close: 5.5 cm of in,
-    measured from 5 cm above the handle as Meta-World does)."""
+    """Meta-World's success rule of each task, from s' (data/README.md: door-drawer): rewards = terminals."""
     door, drawer = data["next_observations"][:, 4:7], data["next_observations"][:, 7:10]
     rules = {"door_open": np.abs(door[:, 0] - (DOOR[0] - 0.3)) <= 0.08,
              "door_close": np.linalg.norm(door - (DOOR + [0.2, -0.2, 0.0]), axis=1) <= 0.08,

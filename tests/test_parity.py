@@ -164,7 +164,7 @@ def test_collection_scripts_share_the_task_suites(modules):  # the collection sc
     for name in ("MAZE_START", "GOAL_RADIUS", "MAZES", "goal_xy", "FixedGoalMaze", "make_maze_env", "maze_rewards"):
         assert source(collect_maze, name) == source(modules["cql_mt_noshare"], name), name
     collect_door_drawer = load_module("collect_door_drawer")
-    for name in ("DD_TASKS", "DD_STEPS", "DOOR", "DRAWER", "HAND_LOW", "HAND_HIGH", "DD_SCENE", "DoorDrawer",
+    for name in ("DD_TASKS", "DD_STEPS", "DOOR", "DRAWER", "HAND_LOW", "HAND_HIGH", "DoorDrawer",
                  "make_dd_env", "dd_relabel"):  # fmt: skip
         assert source(collect_door_drawer, name) == source(modules["cql_mt_noshare"], name), name
 
