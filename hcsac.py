@@ -596,16 +596,17 @@ class DoorDrawer(gym.Env):
         grip = np.clip(np.linalg.norm(d.body("rightclaw").xpos - d.body("leftclaw").xpos) / 0.1, 0.0, 1.0)
         return np.concatenate([d.body("hand").xpos, [grip], d.geom("handle").xpos, drawer, d.qpos[self.joints]])
 
-    def reset(self, seed=None, options=None):  # the task's object shut or open, the other anywhere; the hand +-2 cm
-        super().reset(seed=seed)
+    def reset(self, seed=None, options=None):  # the hand to its start +-2 cm, then the task's object shut or open
+        super().reset(seed=seed)  # and the other anywhere: Meta-World's order, so that the hand meets no open door
         mujoco.mj_resetData(self.model, self.data)
         rng, task = self.np_random, self.task
-        door = {"door_open": 0.0, "door_close": -np.pi / 2}.get(task, rng.uniform(-np.pi / 2, 0.0))
-        self.data.qpos[self.joints] = door, {"drawer_open": 0.0, "drawer_close": -0.15}.get(task, rng.uniform(-0.15, 0))
         hand = [{"door_open": DOOR[0] - 0.1, "door_close": DOOR[0] - 0.6}.get(task, DRAWER[0]), 0.6, 0.2]
         self.data.mocap_pos[0], self.data.mocap_quat[0] = hand + rng.uniform(-0.02, 0.02, 3), (1, 0, 1, 0)
         self.data.ctrl[:], self.steps = (-1, 1), 0
         mujoco.mj_step(self.model, self.data, 250)  # the hand settles (Meta-World: 50 steps of 5)
+        door = {"door_open": 0.0, "door_close": -np.pi / 2}.get(task, rng.uniform(-np.pi / 2, 0.0))
+        self.data.qpos[self.joints] = door, {"drawer_open": 0.0, "drawer_close": -0.15}.get(task, rng.uniform(-0.15, 0))
+        mujoco.mj_forward(self.model, self.data)
         return self.observe(), {}
 
     def step(self, action):

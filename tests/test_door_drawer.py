@@ -3,6 +3,8 @@ relabelling against Meta-World's own success definitions read from the simulator
 of every script, and bad input."""
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -43,6 +45,29 @@ def test_the_scene_builds_from_meta_world_s_files_with_both_objects():
     assert obs.shape == (12,) and env.model.nq == 11 and env.model.nmocap == 1
     np.testing.assert_allclose(obs[:3], env.data.mocap_pos[0], atol=0.02)  # the weld holds the hand on the mocap
     assert obs[10] == 0.0 and -0.15 <= obs[11] <= 0.0  # door open starts shut; the drawer anywhere
+    starts = {"door_open": (0.1, 0.6, 0.2), "door_close": (-0.4, 0.6, 0.2), "drawer_open": (-0.3, 0.6, 0.2)}
+    for task, start in starts.items():  # the hand reaches its start whatever state the other object is in
+        env = m.DOMAINS["door-drawer"].make_env(task)
+        for seed in range(6):
+            obs, _ = env.reset(seed=seed)
+            assert np.abs(obs[:3] - start).max() < 0.03, (task, seed, obs[:3])
+    obs, _ = m.DOMAINS["door-drawer"].make_env("door_close").reset(seed=0)
+    assert obs[10] == pytest.approx(-np.pi / 2)  # door close starts open
+
+
+def test_data_readme_lists_every_door_drawer_file_as_it_is():
+    text = open(os.path.join(os.path.dirname(collect.__file__), "data", "README.md")).read()
+    folder = os.path.join(os.path.dirname(collect.__file__), "data", "door-drawer")
+    rows = re.findall(r"^\| `(\w+)\.npz` \| (\w+) \| ([\w-]+) \| (\d+) \| (\d+) \| (\d+) \|", text, re.M)
+    assert {r[0] for r in rows} == set(collect.FILES), rows
+    for name, task, kind, transitions, episodes, success in rows:
+        assert collect.FILES[name] == (task, kind.replace("-", "_"))
+        with np.load(os.path.join(folder, name + ".npz")) as npz:
+            assert str(npz["task"]) == task and len(npz["rewards"]) == int(transitions)
+            starts = np.concatenate([[0], np.flatnonzero(npz["terminals"] | npz["timeouts"])[:-1] + 1])
+            assert len(starts) == int(episodes) and round(100 * npz["terminals"].sum() / len(starts)) == int(success)
+    total = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    assert total < 15e6  # the domain's data fits in 15 MB
 
 
 def test_relabelling_is_meta_world_s_success_for_every_source_and_target():
