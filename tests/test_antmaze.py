@@ -4,6 +4,7 @@ and trained on by every script; and the conversion's and the scripts' refusals."
 
 import json
 import os
+import warnings
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -34,7 +35,9 @@ def fake_dataset(dataset_id, env_id, cells, seed):
     from minari.data_collector.episode_buffer import EpisodeBuffer
 
     gym.register_envs(gymnasium_robotics)
-    env = gym.make(env_id, continuing_task=True, reset_target=False, max_episode_steps=STEPS)
+    with warnings.catch_warnings():  # v4 is not the newest version: it is the one D4RL's data was recorded in
+        warnings.simplefilter("ignore")
+        env = gym.make(env_id, continuing_task=True, reset_target=False, max_episode_steps=STEPS)
     env.unwrapped.position_noise_range = 0.05  # (the ant's v4 takes no such argument)
     rng, episodes = np.random.default_rng(seed), []
     for i, (goal_cell, reset_cell) in enumerate(cells):
@@ -55,7 +58,8 @@ def fake_dataset(dataset_id, env_id, cells, seed):
                                       rewards=np.array([s[2] for s in steps[1:]]), infos=infos,
                                       terminations=np.array([s[3] for s in steps[1:]]),
                                       truncations=np.array([s[4] for s in steps[1:]])))  # fmt: skip
-    minari.create_dataset_from_buffers(dataset_id, episodes, env=env, algorithm_name="random actions (a test's fake)",
+    minari.create_dataset_from_buffers(dataset_id, episodes, env=env, eval_env=env.spec,
+                                       algorithm_name="random actions (a test's fake)",
                                        author="tests", author_email="tests@example.org", code_permalink="tests",
                                        description="a fake of D4RL's AntMaze data")  # fmt: skip
     return episodes
