@@ -311,11 +311,8 @@ def main(args: Args):
     renamed_percentile(args)
     if len(args.tasks) < 2:
         fail("CDS shares data between tasks: give it at least two --tasks")
-    n_tasks, sizes, dims = (
-        len(args.tasks),
-        buf["sizes"],
-        (DOMAINS[args.domain].obs_dim, DOMAINS[args.domain].act_dim),
-    )  # observation and action sizes
+    n_tasks, sizes, domain = len(args.tasks), buf["sizes"], DOMAINS[args.domain]
+    dims = (domain.obs_dim, domain.act_dim)  # the domain's observation and action sizes
     starts = torch.cumsum(sizes, 0) - sizes
     actor = Actor(n_tasks, args.hidden_dim, args.n_hidden, *dims).to(device)
     critic = TwinCritic(n_tasks, args.hidden_dim, args.n_hidden, *dims).to(device)
@@ -756,11 +753,8 @@ def setup(args, limits):
     all_obs = np.concatenate([data["observations"], data["next_observations"]])
     obs_mean, obs_std = all_obs.mean(0), all_obs.std(0) + 1e-3
     buf = {key: data[key] for key in ("actions", "rewards_all", "source", "sizes")}
-    buf |= {
-        "terminals_all": data["terminals_all"].astype(np.float32),
-        "obs": (data["observations"] - obs_mean) / obs_std,
-    }
-    buf["next_obs"] = (data["next_observations"] - obs_mean) / obs_std
+    buf["terminals_all"] = data["terminals_all"].astype(np.float32)
+    buf["obs"], buf["next_obs"] = ((data[key] - obs_mean) / obs_std for key in ("observations", "next_observations"))
     info = {"paths": paths, "reference": reference, "obs_mean": obs_mean, "obs_std": obs_std, "sizes": data["sizes"]}
     return device, {key: torch.tensor(value, device=device) for key, value in buf.items()}, info
 
@@ -845,12 +839,8 @@ class Run:
     def log(self, losses, stats, *groups):
         """TensorBoard: losses/<name>_loss, losses/<stat>, each {key: value} of `groups`, and charts/SPS."""
         self.check_finite()
-        groups = (
-            {f"losses/{k}_loss": v for k, v in losses.items()},
-            {f"losses/{k}": v for k, v in stats.items()},
-            *groups,
-        )
-        for key, value in (item for group in groups for item in group.items()):
+        losses = {f"losses/{k}_loss": v for k, v in losses.items()} | {f"losses/{k}": v for k, v in stats.items()}
+        for key, value in (item for group in (losses, *groups) for item in group.items()):
             self.writer.add_scalar(key, torch.as_tensor(value).item(), self.step)
         sps = (self.step - self.log_step) / max(time.time() - self.log_time, 1e-9)
         self.writer.add_scalar("charts/SPS", sps, self.step)
@@ -896,17 +886,12 @@ class Run:
         if now >= self.next_progress or step == total:
             self.check_finite()
             rate = (step - self.progress_step) / max(now - self.progress_time, 1e-9)
-            last = (
-                f"{self.evals[-1]['average_normalized_score']:.1f} @ {self.evals[-1]['step']}"
-                if self.evals
-                else "none yet"
-            )
+            last = self.evals[-1] if self.evals else None
+            last = f"{last['average_normalized_score']:.1f} @ {last['step']}" if last else "none yet"
             eta = (total - step) / max(rate, 1e-9) / 60  # minutes
             eta = f"{eta / 60:.1f} h" if eta >= 60 else f"{eta:.0f} min" if eta >= 1 else f"{eta * 60:.0f} s"
-            print(
-                f"{label} {step}/{total} | {rate:.1f} updates/s | {describe()} | last eval {last} | ETA {eta}",
-                flush=True,
-            )
+            line = f"{label} {step}/{total} | {rate:.1f} updates/s | {describe()} | last eval {last} | ETA {eta}"
+            print(line, flush=True)
             self.progress_step, self.progress_time, self.next_progress = step, now, now + PROGRESS_EVERY_S
         if self.stop_requested:
             self.check_finite("interrupted after the training diverged; stopped")
