@@ -220,3 +220,29 @@ def test_bad_flags_get_one_error_line(tmp_path, flags):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     assert not os.listdir(tmp_path)
+
+
+def test_the_routing_probe_marks_what_leads_to_the_goal():
+    probe = load_module("cds_routing", os.path.join(ROOT, "benchmark", "diagnostics", "maze", "cds_routing.py"))
+    reached = np.array([[0, 0], [1, 0], [0, 0], [0, 0], [0, 1], [0, 0]], bool)  # two episodes: rows 0-2 and 3-5
+    leads = probe.leads_to_goal(reached, ends=[2, 5])
+    assert leads[:, 0].tolist() == [True, True, False, False, False, False]  # goal 0 is reached at row 1 only
+    assert leads[:, 1].tolist() == [False, False, False, True, True, False]  # not across the episodes' border
+
+
+def test_the_routing_probe_reads_a_cds_run(tmp_path):
+    """On maze-medium's directed data no other task's episode reaches goal i, so nothing routed can lead to it."""
+    flags = ["--domain", "maze-medium", "--mixture", "directed", "--n-hidden", "1", "--hidden-dim", "32"]
+    flags += ["--cql-n-actions", "2", "--total-steps", "5", "--eval-freq", "5", "--eval-episodes", "1"]
+    assert run_script("cql_mt_cds", *flags, cwd=tmp_path).returncode == 0
+    probe = os.path.join("benchmark", "diagnostics", "maze", "cds_routing")
+    out = run_script(probe, str(tmp_path / "runs" / "cql_mt_cds__maze-medium-directed__1"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("goal_")]
+    assert len(rows) == 6  # every (target, source) pair of three tasks
+    for row in rows:
+        lead_all, lead_own = (float(x) for x in row[1].split())
+        assert lead_all == 0.0 and lead_own == 100.0
+        for cell in row[3:]:  # per rule: routed %, lead % of the routed
+            routed, lead = cell.split()
+            assert 0.0 <= float(routed) <= 100.0 and lead in ("0", "nan")
