@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 HINTS = ("the domain's first", "all of the domain's", "the domain's shipped files")  # defaults that follow --domain
 FIRST, ALL, SHIPPED = (tyro.conf.arg(help_behavior_hint=f"(default: {hint})") for hint in HINTS)
+DOMAINS_P = tyro.conf.arg(help_behavior_hint="(default: the domain's: 90 on the mazes, 10 elsewhere; README)")
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Args:
     bf16: bool = False  # bfloat16 autocast of the network passes (about 1.4x on CPU; benchmark/README.md, Speed)
     compile: bool = False  # torch.compile the losses (slower for BRAC on CPU; benchmark/README.md, Speed)
     share: str = "cds"  # data task i trains on: `cds`, `none` (D_i) or `all` (every D_j); give each its own --exp-name
-    cds_threshold_percentile: float = 10.0
+    cds_threshold_percentile: Annotated[float | None, DOMAINS_P] = None
     """p: route a candidate whose Q-hat reaches the p-th percentile of the own batch's Q-hat (10: what 90% of it
     exceeds). The CDS paper's "top-k percentile" gives no k, and reads as p = 100 - k or p = k (README, deviations)"""
     cds_percentile: float | None = None  # the old flag: --cds-percentile k is --cds-threshold-percentile 100 - k
@@ -294,12 +295,18 @@ def cds_route(q_own, q_candidates, percentile, basic=False):
     return q_candidates >= threshold[:, None]
 
 
-def renamed_percentile(args):
-    """--cds-percentile k, the old flag (k of the paper's "top-k percentile"), is the threshold at p = 100 - k."""
+def threshold_rule(args):
+    """The run's threshold: --cds-basic (the mean), --cds-threshold-percentile p, the old --cds-percentile k (k of the
+    paper's "top-k percentile": p = 100 - k, with a notice), or else the domain's p, from its record. Printed."""
     if args.cds_percentile is not None:
         args.cds_threshold_percentile = 100.0 - args.cds_percentile
         print(f"note: --cds-percentile {args.cds_percentile:g} is now --cds-threshold-percentile "
               f"{args.cds_threshold_percentile:g} (the same threshold)")  # fmt: skip
+    origin = f" ({args.domain}'s default)" if args.cds_threshold_percentile is None else ""
+    if args.cds_threshold_percentile is None:
+        args.cds_threshold_percentile = DOMAINS[args.domain].cds_threshold_percentile
+    rule = "the mean" if args.cds_basic else f"the {args.cds_threshold_percentile:g}th percentile"
+    print(f"CDS threshold: {rule} of each own batch's Q-hat{origin}")
 
 
 def drop_unrouted(candidates, routed):
@@ -428,9 +435,10 @@ def describe_step(losses, stats, alpha, learned):
 # ---- The training loop: fit pi_beta; then sample, losses, one step of every optimiser, targets, log, evaluate, save.
 def main(args: Args):
     device, buf, run_info = setup(args, LIMITS)
-    renamed_percentile(args)
     if args.share not in ("none", "all", "cds"):
         fail(f"--share must be none, all or cds, got {args.share!r}")
+    if args.share == "cds":
+        threshold_rule(args)
     if args.target_kl is not None and args.alpha == 0:
         fail("--target-kl learns log alpha, starting from --alpha: give it an --alpha above 0")
     if len(args.tasks) < 2 and args.share == "cds":
@@ -459,6 +467,9 @@ def main(args: Args):
     ), summary=("warnings",))  # fmt: skip
     if run.saved_args and run.saved_args["share"] != args.share:  # a run goes on with the sharing rule it began with
         fail(f"--resume: {run.dir} was trained with --share {run.saved_args['share']}, not {args.share}")
+    saved = run.saved_args.get("cds_threshold_percentile", args.cds_threshold_percentile)
+    if saved != args.cds_threshold_percentile:  # a run goes on with the threshold it began with
+        fail(f"--resume: {run.dir} was trained at --cds-threshold-percentile {saved:g}; pass it to continue")
     if run.saved_args and (args.target_kl is None or run.saved_args["target_kl"] is None):
         with torch.no_grad():  # alpha goes on only where it was learned and still is; else it restarts at --alpha
             log_alpha.copy_(torch.full_like(log_alpha, args.alpha).log())
@@ -515,6 +526,7 @@ class Domain:
     success: bool  # an episode's return is its success, 0 or 1 (else a return to normalise)
     run_prefix: str  # run folders are runs/<exp_name>__<run_prefix><mixture>__<seed>
     make_data: str  # the command that writes the domain's files (shipped, except AntMaze's: see the README)
+    cds_threshold_percentile: float = 10.0  # CDS's default threshold here: the p-th percentile of own Q-hat (README)
 
 
 # ---- MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks); x_velocity is stored.
@@ -650,7 +662,7 @@ for maze, (_, _, goals, size) in MAZES.items():  # task goal_k: reach goal cell 
     DOMAINS[maze] = Domain(tasks, obs_dim, act_dim, {m: tuple(f"{m}_{t}" for t in tasks) for m in ("undirected",
                            "directed")}, maze, (), functools.partial(make_maze_env, maze),
                            functools.partial(maze_relabel, maze), True, maze + "-",
-                           f"python collect_maze.py --domains {maze}")  # fmt: skip
+                           f"python collect_maze.py --domains {maze}", cds_threshold_percentile=90.0)  # fmt: skip
 
 
 # ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's speed is stored.

@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 HINTS = ("the domain's first", "all of the domain's", "the domain's shipped files")  # defaults that follow --domain
 FIRST, ALL, SHIPPED = (tyro.conf.arg(help_behavior_hint=f"(default: {hint})") for hint in HINTS)
+DOMAINS_P = tyro.conf.arg(help_behavior_hint="(default: the domain's: 90 on the mazes, 10 elsewhere; README)")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Args:
     resume: bool = False  # continue runs/<run_name> from its checkpoint (to a larger --total-steps too)
     bf16: bool = False  # bfloat16 autocast of the network passes (about 2x on CPU; benchmark/README.md, Speed)
     compile: bool = False  # torch.compile the losses (benchmark/README.md, Speed)
-    cds_threshold_percentile: float = 10.0
+    cds_threshold_percentile: Annotated[float | None, DOMAINS_P] = None
     """p: route a candidate whose Q-hat reaches the p-th percentile of the own batch's Q-hat (10: what 90% of it
     exceeds). The CDS paper's "top-k percentile" gives no k, and reads as p = 100 - k or p = k (README, deviations)"""
     cds_percentile: float | None = None  # the old flag: --cds-percentile k is --cds-threshold-percentile 100 - k
@@ -241,12 +242,18 @@ def cds_route(q_own, q_candidates, percentile, basic=False):
     return q_candidates >= threshold[:, None]
 
 
-def renamed_percentile(args):
-    """--cds-percentile k, the old flag (k of the paper's "top-k percentile"), is the threshold at p = 100 - k."""
+def threshold_rule(args):
+    """The run's threshold: --cds-basic (the mean), --cds-threshold-percentile p, the old --cds-percentile k (k of the
+    paper's "top-k percentile": p = 100 - k, with a notice), or else the domain's p, from its record. Printed."""
     if args.cds_percentile is not None:
         args.cds_threshold_percentile = 100.0 - args.cds_percentile
         print(f"note: --cds-percentile {args.cds_percentile:g} is now --cds-threshold-percentile "
               f"{args.cds_threshold_percentile:g} (the same threshold)")  # fmt: skip
+    origin = f" ({args.domain}'s default)" if args.cds_threshold_percentile is None else ""
+    if args.cds_threshold_percentile is None:
+        args.cds_threshold_percentile = DOMAINS[args.domain].cds_threshold_percentile
+    rule = "the mean" if args.cds_basic else f"the {args.cds_threshold_percentile:g}th percentile"
+    print(f"CDS threshold: {rule} of each own batch's Q-hat{origin}")
 
 
 def drop_unrouted(candidates, routed):
@@ -308,7 +315,7 @@ def evaluate(actor, domain, tasks, episodes, obs_mean, obs_std, seed, device):
 # ---- The training loop: sample, losses, one step of every optimiser, targets, log, evaluate, checkpoint.
 def main(args: Args):
     device, buf, run_info = setup(args, LIMITS)
-    renamed_percentile(args)
+    threshold_rule(args)
     if len(args.tasks) < 2:
         fail("CDS shares data between tasks: give it at least two --tasks")
     n_tasks, sizes, domain = len(args.tasks), buf["sizes"], DOMAINS[args.domain]
@@ -328,6 +335,9 @@ def main(args: Args):
         actor=actor, critic=critic, critic_target=critic_target, actor_optim=actor_optim, critic_optim=critic_optim,
         alpha_optim=alpha_optim, cql_alpha_optim=cql_alpha_optim, log_alpha=log_alpha, log_cql_alpha=log_cql_alpha,
     ))  # fmt: skip
+    saved = run.saved_args.get("cds_threshold_percentile", args.cds_threshold_percentile)
+    if saved != args.cds_threshold_percentile:  # a run goes on with the threshold it began with
+        fail(f"--resume: {run.dir} was trained at --cds-threshold-percentile {saved:g}; pass it to continue")
     loss_fn = torch.compile(cql_losses) if args.compile else cql_losses
 
     while run.step < args.total_steps:
@@ -373,6 +383,7 @@ class Domain:
     success: bool  # an episode's return is its success, 0 or 1 (else a return to normalise)
     run_prefix: str  # run folders are runs/<exp_name>__<run_prefix><mixture>__<seed>
     make_data: str  # the command that writes the domain's files (shipped, except AntMaze's: see the README)
+    cds_threshold_percentile: float = 10.0  # CDS's default threshold here: the p-th percentile of own Q-hat (README)
 
 
 # ---- MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks); x_velocity is stored.
@@ -508,7 +519,7 @@ for maze, (_, _, goals, size) in MAZES.items():  # task goal_k: reach goal cell 
     DOMAINS[maze] = Domain(tasks, obs_dim, act_dim, {m: tuple(f"{m}_{t}" for t in tasks) for m in ("undirected",
                            "directed")}, maze, (), functools.partial(make_maze_env, maze),
                            functools.partial(maze_relabel, maze), True, maze + "-",
-                           f"python collect_maze.py --domains {maze}")  # fmt: skip
+                           f"python collect_maze.py --domains {maze}", cds_threshold_percentile=90.0)  # fmt: skip
 
 
 # ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's speed is stored.

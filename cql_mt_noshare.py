@@ -303,6 +303,7 @@ class Domain:
     success: bool  # an episode's return is its success, 0 or 1 (else a return to normalise)
     run_prefix: str  # run folders are runs/<exp_name>__<run_prefix><mixture>__<seed>
     make_data: str  # the command that writes the domain's files (shipped, except AntMaze's: see the README)
+    cds_threshold_percentile: float = 10.0  # CDS's default threshold here: the p-th percentile of own Q-hat (README)
 
 
 # ---- MT-Walker2d: three reward functions on one walker (the CDS paper's locomotion tasks); x_velocity is stored.
@@ -438,7 +439,7 @@ for maze, (_, _, goals, size) in MAZES.items():  # task goal_k: reach goal cell 
     DOMAINS[maze] = Domain(tasks, obs_dim, act_dim, {m: tuple(f"{m}_{t}" for t in tasks) for m in ("undirected",
                            "directed")}, maze, (), functools.partial(make_maze_env, maze),
                            functools.partial(maze_relabel, maze), True, maze + "-",
-                           f"python collect_maze.py --domains {maze}")  # fmt: skip
+                           f"python collect_maze.py --domains {maze}", cds_threshold_percentile=90.0)  # fmt: skip
 
 
 # ---- dm-control's walker (the HCSAC project's benchmark): walk and run, one body; the reward's speed is stored.

@@ -333,7 +333,12 @@ def test_the_maze_grid_passes_its_domain_and_reports_its_goals(tmp_path):
                  "maze-large-directed", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line) for line in out.stdout.splitlines()]
-    assert len(commands) == 9 + 3  # every method on maze-medium, the CQL three on maze-large
+    # the baselines and the CDS threshold sweep of both families on both mazes, HCSAC and MTCSAC on maze-medium
+    assert len(commands) == 14 + 12
+    for c in commands:  # the sweep sets its threshold: the p = 10 runs do not follow the mazes' default (90)
+        name = c[c.index("--exp-name") + 1]
+        if name.endswith(("_p10", "_k50", "_p90")):
+            assert c[c.index("--cds-threshold-percentile") + 1] == {"p10": "10", "k50": "50", "p90": "90"}[name[-3:]]
     for c in commands:
         domain, mixture = c[c.index("--domain") + 1], c[c.index("--mixture") + 1]
         assert (domain, mixture) in {("maze-medium", "undirected"), ("maze-large", "directed")}

@@ -54,7 +54,35 @@ def test_cds_route_threshold_percentile_and_basic():
     # basic: threshold at the mean Q-hat of the own batch (49.5 and 99.0), whatever p
     basic = m.cds_route(q_own, torch.tensor([[49.5, 49.4, 0, 0], [99.0, 98.9, 0, 500]]), percentile=90.0, basic=True)
     assert basic.tolist() == [[True, False, False, False], [True, False, False, True]]
-    assert m.Args().cds_threshold_percentile == 10.0 and m.Args().cds_percentile is None
+    assert m.Args().cds_threshold_percentile is None and m.Args().cds_percentile is None  # None: the domain's
+
+
+@pytest.mark.parametrize("script", ["cql_mt_cds", "brac_mt_cds"])
+def test_the_threshold_defaults_to_the_domains_and_is_printed(script, capsys):
+    """Without the flag a run takes its domain's p from the record (MT-Walker2d 10, the mazes 90); the flag, or the
+    old one, overrides it; the rule is printed before the run starts."""
+    m = load_module(script)
+    q_own, q_candidates = torch.arange(100.0)[None], torch.tensor([[89.2, 89.0, 49.5, 9.95, 9.8]])
+    expected = {"mt-walker2d": 10.0, "maze-medium": 90.0, "maze-large": 90.0, "antmaze-medium": 90.0}
+    for domain, p in expected.items():
+        args = m.Args(domain=domain)
+        m.threshold_rule(args)
+        assert args.cds_threshold_percentile == p == m.DOMAINS[domain].cds_threshold_percentile
+        assert (
+            f"CDS threshold: the {p:g}th percentile of each own batch's Q-hat ({domain}'s default)"
+            in capsys.readouterr().out
+        )
+    routed = m.cds_route(q_own, q_candidates, m.DOMAINS["maze-medium"].cds_threshold_percentile)
+    assert routed.tolist() == [[True, False, False, False, False]]  # the mazes' p = 90: only the own top tenth's
+    routed = m.cds_route(q_own, q_candidates, m.DOMAINS["mt-walker2d"].cds_threshold_percentile)
+    assert routed.tolist() == [[True, True, True, True, False]]  # the walker's p = 10
+    for flags, p in (({"cds_threshold_percentile": 50.0}, 50.0), ({"cds_percentile": 70.0}, 30.0)):
+        args = m.Args(domain="maze-medium", **flags)
+        m.threshold_rule(args)
+        assert args.cds_threshold_percentile == p and "default" not in capsys.readouterr().out
+    args = m.Args(domain="maze-medium", cds_basic=True)
+    m.threshold_rule(args)
+    assert "CDS threshold: the mean of each own batch's Q-hat" in capsys.readouterr().out
 
 
 def fake_buffer(sizes):
@@ -439,6 +467,14 @@ def test_the_old_percentile_flag_still_works_with_a_notice(script, small_dataset
     runs = {name: json.load(open(tmp_path / "runs" / f"{name}__custom__1" / "summary.json")) for name in ("old", "new")}
     assert runs["old"]["args"]["cds_threshold_percentile"] == 10.0 == runs["new"]["args"]["cds_threshold_percentile"]
     assert runs["old"]["final"] == runs["new"]["final"]  # the same seed, the same threshold: the same run
+
+
+def test_a_run_resumes_only_at_its_own_threshold(small_datasets, tmp_path):
+    flags = ["--datasets", *small_datasets, "--total-steps", "4", "--eval-freq", "4", *TINY]
+    assert run_script("cql_mt_cds", *flags, cwd=tmp_path).returncode == 0
+    more = ["--total-steps", "8", "--resume", "--cds-threshold-percentile", "50"]
+    out = run_script("cql_mt_cds", *flags, *more, cwd=tmp_path)
+    assert out.returncode == 2 and "was trained at --cds-threshold-percentile 10; pass it to continue" in out.stderr
 
 
 def test_cds_needs_two_tasks(small_datasets, tmp_path):

@@ -250,9 +250,7 @@ def test_evaluation_agrees(modules):
     assert all(r == first for r in results.values())
 
 
-@pytest.mark.parametrize(
-    "name", ["sample_others", "conservative_q", "cds_route", "renamed_percentile", "drop_unrouted"]
-)
+@pytest.mark.parametrize("name", ["sample_others", "conservative_q", "cds_route", "threshold_rule", "drop_unrouted"])
 def test_cds_pieces_are_identical(modules, name):
     """BRAC + CDS routes with the CQL CDS script's rule, word for word."""
     if "brac_mt_cds" not in modules:
