@@ -138,19 +138,10 @@ def make_env(task):
 
 
 # ---------------------------------------------------------------- dm-control's walker (HCSAC's benchmark)
-class DmcWalker(gym.Wrapper):
-    """dm-control's walker through Shimmy, the observation flattened to 24 numbers: obs[0] the torso's height, obs[1:15]
-    each body's xx and xz rotation entries (obs[1], the torso's xx, is its zz, the reward's uprightness: the walker
-    turns only about y), obs[15:] velocities. info adds the x-speed of the torso's subtree centre of mass at s'."""
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        info = info | {"horizontal_velocity": self.env.unwrapped.physics.horizontal_velocity()}
-        return obs, reward, terminated, truncated, info
-
-
 def make_dmc_env(task):
-    """dm-control's walker-<task> (walk: speed 1, run: speed 8) through Shimmy: 1,000 steps, no terminals."""
+    """dm-control's walker-<task> (walk: speed 1, run: speed 8) through Shimmy: 1,000 steps, no terminals. obs, 24
+    numbers flattened: obs[0] the torso's height, obs[1:15] each body's xx and xz rotation entries (obs[1], the torso's
+    xx, is its zz, the reward's uprightness: the walker turns only about y), obs[15:] velocities."""
     try:
         with warnings.catch_warnings():  # dm-control warns when no display is present for rendering
             warnings.simplefilter("ignore")
@@ -160,14 +151,28 @@ def make_dmc_env(task):
             "dmc-walker needs dm-control and Shimmy: pip install dm-control 'shimmy[dm-control]'"
         ) from None
     gym.register_envs(shimmy)
-    return DmcWalker(gym.wrappers.FlattenObservation(gym.make(f"dm_control/walker-{task}-v0")))
+    return gym.wrappers.FlattenObservation(gym.make(f"dm_control/walker-{task}-v0"))
+
+
+class DmcWalker(gym.Wrapper):
+    """make_dmc_env's walker; info adds what the relabelling needs stored: the x-speed of the torso's subtree centre
+    of mass at s' (the training scripts' environments leave it out: they only evaluate)."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = info | {"horizontal_velocity": self.env.unwrapped.physics.horizontal_velocity()}
+        return obs, reward, terminated, truncated, info
+
+
+def make_dmc_collect_env(task):
+    return DmcWalker(make_dmc_env(task))
 
 
 COLLECT = {  # domain: (tasks, make_env(task), observation size, info fields stored per transition, data folder,
     # the datasets its shipped mixtures need)
     "mt-walker2d": (WALKER_TASKS, make_env, 17, ("x_velocity",), "data", (
         "run_forward/medium-replay", "run_backward/medium", "jump/expert", "run_forward/medium", "jump/medium")),
-    "dmc-walker": (("walk", "run"), make_dmc_env, 24, ("horizontal_velocity",), "data/dmc-walker", (
+    "dmc-walker": (("walk", "run"), make_dmc_collect_env, 24, ("horizontal_velocity",), "data/dmc-walker", (
         "walk/medium", "walk/medium-replay", "run/medium", "run/medium-replay")),
 }  # fmt: skip
 

@@ -423,14 +423,10 @@ def make_maze_env(domain, task):
     return FixedGoalMaze(env, goals[int(task[5:])], goal_xy(domain, task))
 
 
-def maze_rewards(domain, tasks, next_obs):
+def maze_relabel(domain, data, tasks):
     """Rewards = terminals of every task: 1 where s' lies within GOAL_RADIUS of the task's goal. (N, len(tasks))."""
     goals = np.stack([goal_xy(domain, t) for t in tasks])
-    return np.linalg.norm(next_obs[:, None, :2] - goals[None], axis=-1) <= GOAL_RADIUS
-
-
-def maze_relabel(domain, data, tasks):
-    reached = maze_rewards(domain, tasks, data["next_observations"])
+    reached = np.linalg.norm(data["next_observations"][:, None, :2] - goals[None], axis=-1) <= GOAL_RADIUS
     return reached.astype(np.float32), reached
 
 
@@ -446,19 +442,10 @@ for maze, (_, _, goals, size) in MAZES.items():  # task goal_k: reach goal cell 
 DMC_SPEEDS, STAND_HEIGHT = {"walk": 1.0, "run": 8.0}, 1.2  # dm-control's walker: target speeds, standing height
 
 
-class DmcWalker(gym.Wrapper):
-    """dm-control's walker through Shimmy, the observation flattened to 24 numbers: obs[0] the torso's height, obs[1:15]
-    each body's xx and xz rotation entries (obs[1], the torso's xx, is its zz, the reward's uprightness: the walker
-    turns only about y), obs[15:] velocities. info adds the x-speed of the torso's subtree centre of mass at s'."""
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        info = info | {"horizontal_velocity": self.env.unwrapped.physics.horizontal_velocity()}
-        return obs, reward, terminated, truncated, info
-
-
 def make_dmc_env(task):
-    """dm-control's walker-<task> (walk: speed 1, run: speed 8) through Shimmy: 1,000 steps, no terminals."""
+    """dm-control's walker-<task> (walk: speed 1, run: speed 8) through Shimmy: 1,000 steps, no terminals. obs, 24
+    numbers flattened: obs[0] the torso's height, obs[1:15] each body's xx and xz rotation entries (obs[1], the torso's
+    xx, is its zz, the reward's uprightness: the walker turns only about y), obs[15:] velocities."""
     try:
         with warnings.catch_warnings():  # dm-control warns when no display is present for rendering
             warnings.simplefilter("ignore")
@@ -468,13 +455,14 @@ def make_dmc_env(task):
             "dmc-walker needs dm-control and Shimmy: pip install dm-control 'shimmy[dm-control]'"
         ) from None
     gym.register_envs(shimmy)
-    return DmcWalker(gym.wrappers.FlattenObservation(gym.make(f"dm_control/walker-{task}-v0")))
+    return gym.wrappers.FlattenObservation(gym.make(f"dm_control/walker-{task}-v0"))
 
 
 def dmc_relabel(data, tasks):
-    """dm-control's PlanarWalker.get_reward written out: standing x (5 moving + 1) / 6. Its `tolerance` is 1 inside
-    the bounds and falls off with the distance d beyond them, in units of the margin: exp(-d^2 ln 10) (Gaussian, 0.1
-    at the margin) for the torso's height, max(0, 1 - d / 2) (linear, 0.5 at the margin) for the speed."""
+    """dm-control's PlanarWalker.get_reward written out: standing x (5 moving + 1) / 6, the speed being the stored
+    x-speed of the torso's subtree centre of mass at s'. Its `tolerance` is 1 inside the bounds and falls off with the
+    distance d beyond them, in units of the margin: exp(-d^2 ln 10) (Gaussian, 0.1 at the margin) for the torso's
+    height, max(0, 1 - d / 2) (linear, 0.5 at the margin) for the speed."""
     next_obs, speed = data["next_observations"].astype(np.float64), data["horizontal_velocity"].astype(np.float64)
     d_height = np.maximum(STAND_HEIGHT - next_obs[:, 0], 0.0) / (STAND_HEIGHT / 2)
     standing = (3 * np.exp(-(d_height**2) * np.log(10.0)) + (1 + next_obs[:, 1]) / 2) / 4  # obs[1]: uprightness
@@ -702,9 +690,7 @@ class Run:
         self.name = f"{args.exp_name}__{DOMAINS[args.domain].run_prefix}{mixture}__{args.seed}"
         self.dir, self.ckpt_path = os.path.join("runs", self.name), os.path.join("runs", self.name, "checkpoint.pt")
         if os.path.exists(self.ckpt_path) and not args.resume:
-            fail(
-                f"{self.dir} already holds a run; pass --resume to continue it, or choose another --exp-name or --seed"
-            )
+            fail(f"{self.dir} already holds a run; pass --resume to continue it, or another --exp-name or --seed")
         if args.resume and not os.path.exists(self.ckpt_path):
             fail(f"--resume: no checkpoint at {self.ckpt_path}")
         self.saved_args = self.resume() if args.resume else {}
@@ -750,10 +736,8 @@ class Run:
                 obj.detach().clone() if torch.is_tensor(obj) else obj for name, obj in self.state.items()}  # fmt: skip
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
-        ckpt |= dict(
-            step=self.step, evals=self.evals, wall_time=time.time() - self.clock, rng=rng, tasks=self.args.tasks
-        )
-        ckpt |= dict(args=asdict(self.args), obs_mean=self.info["obs_mean"], obs_std=self.info["obs_std"])
+        ckpt |= dict(step=self.step, evals=self.evals, wall_time=time.time() - self.clock, rng=rng)
+        ckpt |= dict(args=asdict(self.args), tasks=self.args.tasks) | {k: self.info[k] for k in ("obs_mean", "obs_std")}
         torch.save(ckpt, self.ckpt_path + ".tmp")
         os.replace(self.ckpt_path + ".tmp", self.ckpt_path)
 

@@ -24,7 +24,7 @@ def lockstep_rollout(n_steps, seed):
     """walk and run stepped side by side from the same seed with the same actions (one body, so one trajectory),
     the torso's x-velocity kicked to a random value now and then so that both speed terms take every branch."""
     collect = load_module("collect_datasets")
-    envs = [collect.make_dmc_env(task) for task in ("walk", "run")]
+    envs = [collect.make_dmc_collect_env(task) for task in ("walk", "run")]
     obs = [env.reset(seed=seed)[0] for env in envs]
     rng, rows = np.random.default_rng(seed), []
     for _ in range(n_steps):
@@ -66,8 +66,8 @@ def dmc_datasets(tmp_path_factory):
     collect, folder, paths = load_module("collect_datasets"), tmp_path_factory.mktemp("dmc"), []
     for k, task in enumerate(("walk", "run")):
         rng = np.random.default_rng(k)
-        data, _ = collect.run_episodes(collect.make_dmc_env(task), lambda o: rng.uniform(-1, 1, 6).astype(np.float32),
-                                       n_steps=300, seed=k, fields=("horizontal_velocity",))  # fmt: skip
+        env, policy = collect.make_dmc_collect_env(task), lambda o: rng.uniform(-1, 1, 6).astype(np.float32)
+        data, _ = collect.run_episodes(env, policy, n_steps=300, seed=k, fields=("horizontal_velocity",))
         paths.append(str(folder / f"{task}.npz"))
         np.savez_compressed(paths[-1], task=np.array(task), domain=np.array("dmc-walker"), **data)
     return paths

@@ -158,11 +158,16 @@ def test_cql_loss_is_identical_in_cql_scripts(modules):
 
 def test_collection_scripts_share_the_task_suites(modules):  # the collection scripts need no plumbing
     walker = ("WALKER_TASKS", "INIT_HEIGHT", "task_terminals", "task_rewards", "JumpReward", "make_env")
-    for name in (*walker, "DmcWalker", "make_dmc_env"):
+    for name in (*walker, "make_dmc_env"):
         assert source(modules["collect_datasets"], name) == source(modules["cql_mt_noshare"], name), name
     collect_maze = load_module("collect_maze")
-    for name in ("MAZE_START", "GOAL_RADIUS", "MAZES", "goal_xy", "FixedGoalMaze", "make_maze_env", "maze_rewards"):
+    for name in ("MAZE_START", "GOAL_RADIUS", "MAZES", "goal_xy", "FixedGoalMaze", "make_maze_env"):
         assert source(collect_maze, name) == source(modules["cql_mt_noshare"], name), name
+    for domain in ("maze-medium", "maze-large"):  # the collection's reward rule is the scripts' relabelling
+        record, points = modules["cql_mt_noshare"].DOMAINS[domain], np.random.default_rng(0).uniform(-6, 6, (4000, 4))
+        tasks, (rewards, terminals) = record.tasks, record.relabel({"next_observations": points}, record.tasks)
+        np.testing.assert_array_equal(terminals, collect_maze.maze_rewards(domain, tasks, points))
+        assert terminals.any() and (rewards == terminals).all()
     collect_door_drawer = load_module("collect_door_drawer")
     for name in ("DD_TASKS", "DD_STEPS", "DOOR", "DRAWER", "HAND_LOW", "HAND_HIGH", "DoorDrawer",
                  "make_dd_env", "dd_relabel"):  # fmt: skip

@@ -29,7 +29,7 @@ for domain in ("maze-medium", "maze-large"):  # the shipped mazes (AntMaze's dat
         print(f"{'file':<10} {'size':>6} {'episodes':>8} | transitions reaching goal i | episodes reaching goal i")
         for j in tasks:
             data = np.load(os.path.join(ROOT, "data", domain, f"{mixture}_{j}.npz"))
-            reach = c.maze_rewards(domain, tasks, data["next_observations"])  # (transitions, goals), True = reached
+            reach = c.maze_relabel(domain, data, tasks)[1]  # (transitions, goals), True = reached
             ends = np.flatnonzero(data["terminals"] | data["timeouts"])
             starts = np.concatenate([[0], ends[:-1] + 1])
             episodes = np.logical_or.reduceat(reach, starts, axis=0).sum(0)
