@@ -142,6 +142,8 @@ def test_run_saves_and_restores_every_kind_of_state(modules, tmp_path, monkeypat
         assert torch.equal(again["t"], torch.full((3,), 7.0))
         torch.testing.assert_close(again["net"].weight, state["net"].weight)
         assert json.load(open(tmp_path / "runs" / f"state{k}__custom__1" / "summary.json"))["lst"] == ["x"]
+        for r in (run, resumed):  # before tmp_path goes: a writer's thread would flush into a removed folder
+            r.writer.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
