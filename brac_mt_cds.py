@@ -1,5 +1,6 @@
 """Multi-task BRAC with Conservative Data Sharing (CDS): task i trains on D_i plus the other tasks' transitions whose
-value-penalised Q under task i reaches a percentile of task i's own (by default its 10th), relabelled to task i.
+value-penalised Q under task i reaches a percentile of task i's own batch (the domain's: the 10th, the mazes' the
+90th), relabelled to task i.
 BRAC: Wu, Tucker & Nachum (2019), https://arxiv.org/abs/1911.11361. CDS: Yu et al. (2021),
 https://arxiv.org/abs/2109.08128. BRAC-v: a behaviour model pi_beta(a|s,i) is fitted by maximum likelihood to the data
 each task trains on; the critic's target subtracts alpha KL(pi || pi_beta)(s'), and the actor minimises alpha KL - Q.

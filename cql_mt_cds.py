@@ -1,5 +1,6 @@
 """Multi-task CQL with Conservative Data Sharing (CDS): task i trains on D_i plus the other tasks' transitions whose
-conservative Q-value under task i reaches a percentile of task i's own (by default its 10th), relabelled to task i.
+conservative Q-value under task i reaches a percentile of task i's own batch (the domain's: the 10th, the mazes' the
+90th), relabelled to task i.
 CDS: Yu et al. (2021), https://arxiv.org/abs/2109.08128. CQL: Kumar et al. (2020), https://arxiv.org/abs/2006.04779.
 One actor and one twin critic for all tasks, fed a task one-hot. Top to bottom: Args, tasks, networks, the losses,
 the sharing rule, evaluation, the training loop; below the PLUMBING banner, the code every script shares.
