@@ -142,10 +142,16 @@ BUDGETS["dmc"] = {**BUDGETS["cpu"], "steps": 15_000}
 # the door and drawer (the CDS paper's manipulation tasks): the `cpu` configuration, probed for 20k steps with CQL no
 # sharing on both mixtures to find where it plateaus
 BUDGETS["dd-probe"] = {**BUDGETS["cpu"], "steps": 20_000}
-# the cpu configuration with bfloat16 autocast in the CQL scripts and HCSAC (about twice as fast on a CPU with bf16
-# matrix units; BRAC gains less and stays in fp32): run beside `cpu` to see whether it learns the same
-BF16 = {script: [*flags, "--bf16"] for script, flags in BUDGETS["cpu"]["per_script"].items() if script != "brac_mt_cds"}
-BUDGETS["cpu-bf16"] = {**BUDGETS["cpu"], "per_script": {**BUDGETS["cpu"]["per_script"], **BF16}}
+# and its grid: the same configuration for 15k steps (the probe: no sharing levels off by 6k steps on medium-replay,
+# by 11-15k on imbalanced)
+BUDGETS["dd"] = {**BUDGETS["cpu"], "steps": 15_000}
+# <budget>-bf16: the same with bfloat16 autocast in the CQL scripts and HCSAC (about twice as fast on a CPU with bf16
+# matrix units; BRAC gains less and stays in fp32), used on a domain once it is shown to learn as in fp32 there
+for name in ("cpu", "dmc", "dd"):
+    bf16 = {
+        script: [*flags, "--bf16"] for script, flags in BUDGETS[name]["per_script"].items() if script != "brac_mt_cds"
+    }
+    BUDGETS[f"{name}-bf16"] = {**BUDGETS[name], "per_script": {**BUDGETS[name]["per_script"], **bf16}}
 # the mazes: the CDS threshold sweep (its p = 90 rows are CDS at the mazes' default; the p = 10 runs were made as
 # cql_cds and brac_cds while p = 10 was every domain's default), beside the baselines
 MAZE_METHODS = ["cql_noshare", "cql_shareall", "cql_cds_p10", "cql_cds_k50", "cql_cds_p90", "cql_cds_basic"]
@@ -173,8 +179,8 @@ class Args:
     """`cpu` (the reduced configuration, 10k steps), `cpu-20k`, `cpu-40k` and `cpu-80k` (the same, 20k, 40k and
     80k steps), `maze` (the mazes' reduced configuration, 10k steps), `maze-30k` (its 30k-step probe), `dmc-probe`
     (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps), `dd-probe` (the same
-    20k steps on door-drawer), `cpu-bf16` (`cpu` with bf16 autocast in the CQL scripts and HCSAC) or `paper` (every
-    script at its defaults, 1M steps)"""
+    20k steps on door-drawer), `dd` (its grid: 15k steps), `cpu-bf16`, `dmc-bf16` and `dd-bf16` (those with bf16
+    autocast in the CQL scripts and HCSAC) or `paper` (every script at its defaults, 1M steps)"""
     methods: tuple[str, ...] = ()
     """methods to include (default: the grid of each mixture)"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")

@@ -102,6 +102,26 @@ def test_longer_budget_and_sweep_methods(tmp_path):
         assert brac[brac.index("--n-hidden") + 1] == "2", "the longer budgets keep the cpu configuration"
 
 
+@pytest.mark.parametrize("budget, mixture", [("cpu", "imbalanced"), ("dmc", "dmc-walker-medium"),
+                                             ("dd", "door-drawer-imbalanced")])  # fmt: skip
+def test_a_bf16_budget_is_its_budget_with_bf16_in_the_cql_scripts_and_hcsac(budget, mixture, tmp_path):
+    methods = ["--methods", "cql_noshare", "cql_cds", "hcsac", "brac_cds"] if budget == "cpu" else []
+    commands = {}
+    for name in (budget, f"{budget}-bf16"):
+        out = runner(
+            "--print-commands", "--budget", name, "--seeds", "1", "--mixtures", mixture, *methods, cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stderr
+        commands[name] = [shlex.split(line) for line in out.stdout.splitlines()]
+    assert len(commands[budget]) >= 4 and len(commands[budget]) == len(commands[f"{budget}-bf16"])
+    for fp32, bf16 in zip(commands[budget], commands[f"{budget}-bf16"]):
+        assert "--bf16" not in fp32
+        if os.path.basename(fp32[fp32.index("--exp-name") - 1]) == "brac_mt_cds.py":
+            assert bf16 == fp32  # BRAC gains little from bf16 on a CPU and stays in fp32
+        else:
+            assert [f for f in bf16 if f != "--bf16"] == fp32 and bf16.count("--bf16") == 1
+
+
 def test_bad_input_is_one_clear_line(tmp_path):
     out = runner("--methods", "cql_nonsense", cwd=tmp_path)
     assert out.returncode != 0 and out.stderr.strip().startswith("error: unknown method 'cql_nonsense'")
