@@ -24,6 +24,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
@@ -40,8 +41,8 @@ class Args:
     """`train`, `build`, or `all` (train then build)"""
     domain: str = "mt-walker2d"
     """`mt-walker2d` (run_forward, run_backward, jump) or `dmc-walker` (walk, run)"""
-    tasks: tuple[str, ...] = ()
-    """the tasks to train a behaviour policy for, each in its own process; none given: all of the domain's"""
+    tasks: Annotated[tuple[str, ...], tyro.conf.arg(help_behavior_hint="(default: all of the domain's)")] = ()
+    """the tasks to train a behaviour policy for, each in its own process"""
     seed: int = 0
     """task k of the domain's task list uses seed + k"""
     total_steps: int = 300_000
@@ -66,10 +67,10 @@ class Args:
     """continue the training runs found in work_dir"""
     work_dir: str = "collect_runs"
     """checkpoints, snapshots and logs of the SAC runs, one folder per task (not shipped)"""
-    out_dir: str = ""
-    """where `build` writes datasets, actor weights and reference returns; none given: the domain's data folder"""
-    datasets: tuple[str, ...] = ()
-    """which task/kind datasets `build` writes; none given: what the domain's shipped mixtures need"""
+    out_dir: Annotated[str, tyro.conf.arg(help_behavior_hint="(default: the domain's data folder)")] = ""
+    """where `build` writes datasets, actor weights and reference returns"""
+    datasets: Annotated[tuple[str, ...], tyro.conf.arg(help_behavior_hint="(default: the mixtures' files)")] = ()
+    """which task/kind datasets `build` writes"""
     expert_size: int = 5_000
     """transitions in each expert dataset"""
     medium_size: int = 30_000

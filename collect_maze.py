@@ -36,10 +36,13 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
 import tyro
+
+DIVERSE = tyro.conf.arg(help_behavior_hint="(default: D4RL/antmaze/<maze>-diverse-v1)")
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Args:
     noise: float = 0.5  # std of the Gaussian noise added to the controller's action (then clipped to [-1, 1])
     reference_episodes: int = 50  # episodes per task for each reference success rate (random, noiseless, noisy)
     out_dir: str = "data"  # the files go to <out_dir>/<domain>/
-    minari_dataset: str = ""  # antmaze-*: the Minari dataset to convert (default: D4RL/antmaze/<maze>-diverse-v1)
+    minari_dataset: Annotated[str, DIVERSE] = ""  # antmaze-*: the Minari dataset to convert
     overwrite: bool = False  # redo files whose recorded settings match the flags (otherwise they are kept)
 
 

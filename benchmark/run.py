@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import tyro
@@ -181,8 +182,8 @@ class Args:
     (the cpu configuration for 20k steps on dm-control's walker), `dmc` (its grid: 15k steps), `dd-probe` (the same
     20k steps on door-drawer), `dd` (its grid: 15k steps), `cpu-bf16`, `dmc-bf16` and `dd-bf16` (those with bf16
     autocast in the CQL scripts and HCSAC) or `paper` (every script at its defaults, 1M steps)"""
-    methods: tuple[str, ...] = ()
-    """methods to include (default: the grid of each mixture)"""
+    methods: Annotated[tuple[str, ...], tyro.conf.arg(help_behavior_hint="(default: the grid of each mixture)")] = ()
+    """methods to include"""
     mixtures: tuple[str, ...] = ("imbalanced", "all-medium")
     """dataset mixtures: imbalanced, all-medium, or another domain's: maze-medium-undirected, dmc-walker-medium, ..."""
     seeds: tuple[int, ...] = (1, 2, 3)
@@ -197,11 +198,11 @@ class Args:
     """print the commands, one per line, instead of running them"""
     workdir: str = "."
     """the folder the scripts run in; they write their runs to <workdir>/runs/ (keep budgets apart)"""
-    continue_from: str = ""
+    continue_from: Annotated[str, tyro.conf.arg(help_behavior_hint="(default: none)")] = ""
     """the workdir of a shorter budget: a grid run with no folder in --workdir yet starts as a copy of its
     <continue-from>/runs/<run_name>/ (when that holds a checkpoint), resumed to this budget's steps"""
-    results_dir: str = ""
-    """where `report` writes (default: benchmark/results/<budget>)"""
+    results_dir: Annotated[str, tyro.conf.arg(help_behavior_hint="(default: benchmark/results/<budget>)")] = ""
+    """where `report` writes"""
 
 
 def grid(args):

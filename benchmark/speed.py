@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import tyro
@@ -41,7 +42,7 @@ class Args:
     """`auto`, `cpu` or `cuda`"""
     out: str = os.path.join(ROOT, "benchmark", "speed_results")
     """results prefix (.json and .md are written)"""
-    worker: str = ""
+    worker: Annotated[str, tyro.conf.arg(help_behavior_hint="(default: none)")] = ""
     """internal: measure one `script:path` in this process and print a JSON line"""
 
 

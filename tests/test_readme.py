@@ -63,3 +63,15 @@ def test_every_flag_has_its_help_and_names_no_internal_source(script):
         if docstring:
             assert len(docstring.splitlines()) <= 2, f"{script}.{name}: help over two lines"
     assert not re.search(r"seed 00\d", args), script
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_no_help_shows_an_empty_default(script, capsys, monkeypatch):
+    """An empty default says what it stands for (`(default: all of the domain's)`), never `(default: '')`."""
+    monkeypatch.setenv("COLUMNS", "200")
+    module = load_module(os.path.splitext(script)[0].replace("/", "_"), os.path.join(ROOT, script))
+    with pytest.raises(SystemExit):
+        tyro.cli(module.Args, args=["--help"])
+    text = capsys.readouterr().out
+    assert text.count("(default: ") >= 3, text[:500]  # the help was rendered
+    assert not re.search(r"\(default: (''|\(\)|)\)", text), re.findall(r".*\(default: (?:''|\(\)|)\).*", text)
